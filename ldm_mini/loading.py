@@ -1,0 +1,229 @@
+"""ldm_mini's weight file: one .safetensors holding a whole LatentDiffusion model, and its loader.
+
+The file format (written by weights_tools from diffusers folders or CompVis .ckpt files, and by
+train.py for the embedded model):
+
+    tensors   "unet.*", "autoencoder.*", "text_encoder.*": ldm_mini's own key names, which are the
+              modern diffusers names (weights_tools translates every other layout through tables)
+    metadata  (safetensors allows str -> str only, so configs are JSON)
+        format               "ldm_mini/1"
+        kind                 "txt2img" | "unconditional" | "superres"
+        unet_config          UNetConfig as JSON
+        autoencoder_config   AutoencoderConfig as JSON
+        text_encoder_config  LDMBertConfig as JSON (txt2img only)
+        schedule             ScheduleConfig as JSON: training betas + the source's DDIM convention
+        scale_factor         the latent scale factor, e.g. "0.18215"
+        tokenizer_vocab      the WordPiece vocab.txt (txt2img with a tokenizer)
+        source               where the weights came from (free text)
+
+Loading builds every module on the meta device (no wasted random init), checks that the file has
+exactly the keys and shapes the model expects, then assigns the file's tensors (mmap'd by
+safetensors) as parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .autoencoder import AutoencoderConfig, build_autoencoder
+from .bert import LDMBert, LDMBertConfig
+from .model import LatentDiffusion
+from .schedule import ScheduleConfig
+from .tokenizer import Tokenizer
+from .unet import UNet, UNetConfig
+
+FORMAT = "ldm_mini/1"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+EMBEDDED = {"shapes": WEIGHTS_DIR / "shapes.safetensors"}  # shipped inside the package (train.py)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# --- configs <-> metadata ---------------------------------------------------------------------------
+def config_to_json(config) -> str:
+    return json.dumps(dataclasses.asdict(config), sort_keys=True)
+
+
+def config_from_json(cls, text: str):
+    """JSON -> frozen config dataclass; lists become tuples, unknown fields are an error."""
+    values = json.loads(text)
+    known = {f.name for f in dataclasses.fields(cls)}
+    if unknown := sorted(set(values) - known):
+        raise ValueError(f"{cls.__name__} has no field(s) {unknown}: the file is from a newer ldm_mini")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def make_metadata(
+    kind: str,
+    unet: UNetConfig,
+    autoencoder: AutoencoderConfig,
+    schedule: ScheduleConfig,
+    scale_factor: float,
+    text_encoder: LDMBertConfig | None = None,
+    vocab: str | None = None,
+    source: str = "",
+) -> dict[str, str]:
+    meta = {
+        "format": FORMAT,
+        "kind": kind,
+        "unet_config": config_to_json(unet),
+        "autoencoder_config": config_to_json(autoencoder),
+        "schedule": config_to_json(schedule),
+        "scale_factor": repr(float(scale_factor)),
+        "source": source,
+    }
+    if text_encoder is not None:
+        meta["text_encoder_config"] = config_to_json(text_encoder)
+    if vocab is not None:
+        meta["tokenizer_vocab"] = vocab
+    return meta
+
+
+def build_empty(meta: dict[str, str]) -> LatentDiffusion:
+    """The model a file describes, with its parameters on the meta device (no memory, no init)."""
+    if meta.get("format") != FORMAT:
+        raise ValueError(
+            f"not an ldm_mini weight file (format {meta.get('format')!r}): convert diffusers folders and "
+            "CompVis .ckpt files first with `python -m weights_tools.convert SOURCE OUT.safetensors`"
+        )
+    text_cfg = meta.get("text_encoder_config")
+    with torch.device("meta"):
+        unet = UNet(config_from_json(UNetConfig, meta["unet_config"]))
+        autoencoder = build_autoencoder(config_from_json(AutoencoderConfig, meta["autoencoder_config"]))
+        text_encoder = LDMBert(config_from_json(LDMBertConfig, text_cfg)) if text_cfg else None
+    vocab = meta.get("tokenizer_vocab")
+    return LatentDiffusion(
+        kind=meta["kind"],
+        unet=unet,
+        autoencoder=autoencoder,
+        schedule=config_from_json(ScheduleConfig, meta["schedule"]),
+        scale_factor=float(meta["scale_factor"]),
+        text_encoder=text_encoder,
+        tokenizer=Tokenizer.from_vocab(vocab) if vocab else None,
+    )
+
+
+def metadata_of(model: LatentDiffusion, source: str = "") -> dict[str, str]:
+    """The metadata that describes a live model (used to save a trained model)."""
+    return make_metadata(
+        kind=model.kind,
+        unet=model.unet.config,
+        autoencoder=model.autoencoder.config,
+        schedule=model.schedule,
+        scale_factor=model.scale_factor,
+        text_encoder=model.text_encoder.config if model.text_encoder is not None else None,
+        vocab=model.tokenizer.vocab_text if model.tokenizer is not None else None,
+        source=source,
+    )
+
+
+# --- strict key checks ------------------------------------------------------------------------------
+def check_state_dict(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """Raise, naming the keys, unless `state` has exactly the keys and shapes `model` expects."""
+    want = model.state_dict()
+    missing = sorted(want.keys() - state.keys())
+    extra = sorted(state.keys() - want.keys())
+    bad = sorted(k for k in want.keys() & state.keys() if tuple(want[k].shape) != tuple(state[k].shape))
+    if missing or extra or bad:
+        shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(want[k].shape)}" for k in bad[:3]]
+        raise ValueError(
+            f"{source} does not fit {type(model).__name__}: "
+            f"{len(missing)} missing {missing[:3]}, {len(extra)} unexpected {extra[:3]}, "
+            f"{len(bad)} with the wrong shape {shapes}"
+        )
+
+
+# --- writing ----------------------------------------------------------------------------------------
+def write_file(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict[str, str], force: bool = False,
+               dtype: torch.dtype | None = None) -> Path:
+    """Write a weight file atomically: a temporary file in the same folder, then os.replace.
+
+    Checks the tensors against the model the metadata describes first, so a file that would not load
+    is never written. Floating-point tensors are cast to `dtype` when given.
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists: pass --force (force=True) to overwrite it")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"the folder of {path} does not exist: create it first")
+    check_state_dict(build_empty(meta), tensors, source=f"the tensors for {path.name}")
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save(model: LatentDiffusion, path: str | os.PathLike, force: bool = False,
+         dtype: torch.dtype | None = None, source: str = "") -> Path:
+    """Save a live model in ldm_mini's format (what load() reads back)."""
+    tensors = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return write_file(path, tensors, metadata_of(model, source), force=force, dtype=dtype)
+
+
+# --- reading ----------------------------------------------------------------------------------------
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise ValueError(f"{path} is not a readable .safetensors file ({e}); is it truncated?") from e
+
+
+def resolve(weights: str | os.PathLike | None) -> Path:
+    """None or an embedded name ("shapes") -> the file in the package; anything else -> a path."""
+    if weights is None:
+        weights = "shapes"
+    if str(weights) in EMBEDDED:
+        path = EMBEDDED[str(weights)]
+        if not path.exists():
+            raise FileNotFoundError(f"the embedded model {weights!r} is missing from {path}")
+        return path
+    path = Path(weights)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no weight file {path}: pass a converted .safetensors file, an embedded name "
+            f"({', '.join(EMBEDDED)}), or convert one with `python -m weights_tools.convert`"
+        )
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"{path} is a folder: convert it first with `python -m weights_tools.convert {path} OUT.safetensors`"
+        )
+    return path
+
+
+def load(weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
+         dtype: torch.dtype | str | None = None) -> LatentDiffusion:
+    """Load a converted weight file (default: the embedded shapes model) as an eval-mode model.
+
+    device: where the parameters go (default CPU); dtype: cast floating-point weights (default: as stored
+    in the file, float32 for float32 files).
+    """
+    path = resolve(weights)
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    device = torch.device(device or "cpu")
+    meta = read_metadata(path)
+    model = build_empty(meta)
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    check_state_dict(model, state, source=str(path))
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.alphas_cumprod = model.alphas_cumprod.to(device)  # the only non-persistent buffer
+    return model.eval().requires_grad_(False)
