@@ -1,0 +1,1 @@
+"""Benchmarks: measured figures (speed, quality), kept apart from the tests."""
