@@ -142,8 +142,13 @@ def check_state_dict(model: nn.Module, state: dict[str, Tensor], source: str) ->
 
 
 # --- writing ----------------------------------------------------------------------------------------
-def write_file(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict[str, str], force: bool = False,
-               dtype: torch.dtype | None = None) -> Path:
+def write_file(
+    path: str | os.PathLike,
+    tensors: dict[str, Tensor],
+    meta: dict[str, str],
+    force: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Write a weight file atomically: a temporary file in the same folder, then os.replace.
 
     Checks the tensors against the model the metadata describes first, so a file that would not load
@@ -169,8 +174,13 @@ def write_file(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict[s
     return path
 
 
-def save(model: LatentDiffusion, path: str | os.PathLike, force: bool = False,
-         dtype: torch.dtype | None = None, source: str = "") -> Path:
+def save(
+    model: LatentDiffusion,
+    path: str | os.PathLike,
+    force: bool = False,
+    dtype: torch.dtype | None = None,
+    source: str = "",
+) -> Path:
     """Save a live model in ldm_mini's format (what load() reads back)."""
     tensors = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return write_file(path, tensors, metadata_of(model, source), force=force, dtype=dtype)
@@ -202,13 +212,17 @@ def resolve(weights: str | os.PathLike | None) -> Path:
         )
     if path.is_dir():
         raise IsADirectoryError(
-            f"{path} is a folder: convert it first with `python -m weights_tools.convert {path} OUT.safetensors`"
+            f"{path} is a folder: convert it first with "
+            f"`python -m weights_tools.convert {path} OUT.safetensors`"
         )
     return path
 
 
-def load(weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
-         dtype: torch.dtype | str | None = None) -> LatentDiffusion:
+def load(
+    weights: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> LatentDiffusion:
     """Load a converted weight file (default: the embedded shapes model) as an eval-mode model.
 
     device: where the parameters go (default CPU); dtype: cast floating-point weights (default: as stored

@@ -113,7 +113,9 @@ class LatentDiffusion(nn.Module):
         if self.kind == "superres":
             if cond is None or cond.shape[-2:] != x.shape[-2:]:
                 got = None if cond is None else tuple(cond.shape)
-                raise ValueError(f"superres needs cond: the low-res image with x's size {tuple(x.shape)}: {got}")
+                raise ValueError(
+                    f"superres needs cond: the low-res image with x's size {tuple(x.shape)}: {got}"
+                )
             return self.unet(torch.cat([x, cond.to(x.dtype)], dim=1), t)  # (B, c + 3, h, w)
         if cond is not None:
             raise ValueError("an unconditional model takes no cond")

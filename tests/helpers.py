@@ -14,10 +14,49 @@ import torch
 from safetensors.torch import load_file, save_file
 
 # a small WordPiece vocabulary: specials, then words and ## pieces (ids in file order)
-WORDS = ["[PAD]", "[unused0]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "an", "the", "of", "and", "photo",
-         "red", "blue", "green", "circle", "square", "triangle", "above", "below", "left", "right", "on",
-         "painting", "cat", "dog", "squirrel", "eating", "burger", "in", "style", "##s", "##ing", "##er",
-         "big", "small", ",", ".", "!", "un", "##known"]
+WORDS = [
+    "[PAD]",
+    "[unused0]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "a",
+    "an",
+    "the",
+    "of",
+    "and",
+    "photo",
+    "red",
+    "blue",
+    "green",
+    "circle",
+    "square",
+    "triangle",
+    "above",
+    "below",
+    "left",
+    "right",
+    "on",
+    "painting",
+    "cat",
+    "dog",
+    "squirrel",
+    "eating",
+    "burger",
+    "in",
+    "style",
+    "##s",
+    "##ing",
+    "##er",
+    "big",
+    "small",
+    ",",
+    ".",
+    "!",
+    "un",
+    "##known",
+]
 
 
 def write_vocab(folder: Path) -> Path:
@@ -49,8 +88,14 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def tiny_scheduler(**overrides):
     from diffusers import DDIMScheduler
 
-    kwargs = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                  set_alpha_to_one=False, steps_offset=1)
+    kwargs = dict(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
     return DDIMScheduler(**{**kwargs, **overrides})
 
 
@@ -61,28 +106,61 @@ def tiny_txt2img(tmp: Path, seed: int = 0):
     from transformers import BertTokenizer
 
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=2, cross_attention_dim=32, norm_num_groups=8,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=2,
+        cross_attention_dim=32,
+        norm_num_groups=8,
     )
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=8,
     )
-    bert = LDMBertModel(LDMBertConfig(vocab_size=len(WORDS), max_position_embeddings=77, encoder_layers=2,
-                                      encoder_ffn_dim=64, d_model=32, encoder_attention_heads=2, head_dim=16))
+    bert = LDMBertModel(
+        LDMBertConfig(
+            vocab_size=len(WORDS),
+            max_position_embeddings=77,
+            encoder_layers=2,
+            encoder_ffn_dim=64,
+            d_model=32,
+            encoder_attention_heads=2,
+            head_dim=16,
+        )
+    )
     tokenizer = BertTokenizer(str(write_vocab(tmp / "_vocab")))
     for i, m in enumerate((unet, vae, bert)):
         randomize_(m, seed + i).eval()
-    return LDMTextToImagePipeline(vqvae=vae, bert=bert, tokenizer=tokenizer, unet=unet, scheduler=tiny_scheduler())
+    return LDMTextToImagePipeline(
+        vqvae=vae, bert=bert, tokenizer=tokenizer, unet=unet, scheduler=tiny_scheduler()
+    )
 
 
 def tiny_vq(seed: int):
     from diffusers import VQModel
 
-    vq = VQModel(in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1, latent_channels=3,
-                 num_vq_embeddings=32, down_block_types=("DownEncoderBlock2D",) * 2,
-                 up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, scaling_factor=1.0)
+    vq = VQModel(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=3,
+        num_vq_embeddings=32,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8,
+        scaling_factor=1.0,
+    )
     return randomize_(vq, seed).eval()
 
 
@@ -90,9 +168,15 @@ def tiny_unet2d(in_channels: int, seed: int):
     from diffusers import UNet2DModel
 
     unet = UNet2DModel(
-        sample_size=8, in_channels=in_channels, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=8, norm_num_groups=8,
+        sample_size=8,
+        in_channels=in_channels,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=8,
+        norm_num_groups=8,
     )
     return randomize_(unet, seed).eval()
 
@@ -108,8 +192,11 @@ def tiny_superres(seed: int = 0):
     """LDMSuperResolutionPipeline: the low-res image is concatenated to the latent (6 input channels)."""
     from diffusers import LDMSuperResolutionPipeline
 
-    return LDMSuperResolutionPipeline(vqvae=tiny_vq(seed + 1), unet=tiny_unet2d(6, seed),
-                                      scheduler=tiny_scheduler(set_alpha_to_one=True, steps_offset=0))
+    return LDMSuperResolutionPipeline(
+        vqvae=tiny_vq(seed + 1),
+        unet=tiny_unet2d(6, seed),
+        scheduler=tiny_scheduler(set_alpha_to_one=True, steps_offset=0),
+    )
 
 
 def save_pipeline(pipe, folder: Path) -> Path:
@@ -129,8 +216,11 @@ def resave_legacy(folder: Path) -> None:
         renamed = {}
         for key, value in state.items():
             if ".transformer_blocks." not in key:  # cross-attention blocks always had to_q/to_k/...
-                key = re.sub(r"\.attentions\.(\d+)\.(to_q|to_k|to_v|to_out\.0)\.",
-                             lambda m: f".attentions.{m.group(1)}.{LEGACY[m.group(2)]}.", key)
+                key = re.sub(
+                    r"\.attentions\.(\d+)\.(to_q|to_k|to_v|to_out\.0)\.",
+                    lambda m: f".attentions.{m.group(1)}.{LEGACY[m.group(2)]}.",
+                    key,
+                )
             renamed[key] = value
         path.unlink()
         torch.save(renamed, folder / component / "diffusion_pytorch_model.bin")

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import fp16_variant, resave_legacy, save_pipeline, tiny_superres, tiny_txt2img, tiny_unconditional
+from helpers import (
+    fp16_variant,
+    resave_legacy,
+    save_pipeline,
+    tiny_superres,
+    tiny_txt2img,
+    tiny_unconditional,
+)
 from safetensors import safe_open
 
 import ldm_mini
@@ -60,13 +67,17 @@ def test_txt2img_modules_match(txt2img, batch, size):
     assert m.kind == "txt2img" and m.scale_factor == pytest.approx(0.18215)
     prompts = ["a red circle above a blue square", "an unknown photo!"][:batch]
     ids = m.tokenize(prompts)
-    ref_ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
-                             return_tensors="pt").input_ids
+    ref_ids = pipe.tokenizer(
+        prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
     assert torch.equal(ids, ref_ids)
     context = m.encode_text(ids)
     close(context, pipe.bert(ref_ids)[0])
     h, w = (size, size) if isinstance(size, int) else size
-    x, t = torch.randn(batch, 4, h, w, generator=torch.Generator().manual_seed(1)), torch.tensor([981, 1][:batch])
+    x, t = (
+        torch.randn(batch, 4, h, w, generator=torch.Generator().manual_seed(1)),
+        torch.tensor([981, 1][:batch]),
+    )
     close(m.predict_noise(x, t, context), pipe.unet(x, t, context).sample)
     img = torch.randn(batch, 3, 4 * h, 4 * w, generator=torch.Generator().manual_seed(2))
     posterior, ref_posterior = m.autoencoder.encode(img), pipe.vqvae.encode(img).latent_dist
@@ -116,7 +127,9 @@ def test_legacy_bin_folder_converts_to_the_same_file(txt2img, unconditional, tmp
         assert list(folder.glob("*/*.bin")) and not list(folder.glob("unet/*.safetensors"))
         legacy = ldm_mini.load(convert(folder, tmp_path / f"{name}.safetensors"))
         modern = ldm_mini.load((txt2img if name == "t" else unconditional)[2])
-        for (k, a), (k2, b) in zip(sorted(legacy.state_dict().items()), sorted(modern.state_dict().items()), strict=True):
+        for (k, a), (k2, b) in zip(
+            sorted(legacy.state_dict().items()), sorted(modern.state_dict().items()), strict=True
+        ):
             assert k == k2 and torch.equal(a, b), k
 
 
@@ -136,8 +149,13 @@ def test_fp16_variant_and_dtype_option(unconditional, tmp_path):
 
 # --- bad input: one clear line, no partial output --------------------------------------------------
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "weights_tools.convert", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "weights_tools.convert", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_converts_and_refuses_to_overwrite(unconditional, tmp_path):
@@ -149,12 +167,15 @@ def test_cli_converts_and_refuses_to_overwrite(unconditional, tmp_path):
     assert run_cli(unconditional[1], out, "--force").returncode == 0
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("not_a_pipeline", "no model_index.json"),
-    ("missing_component", "component vqvae/ is missing"),
-    ("truncated", "truncated"),
-    ("wrong_class", "is not one of"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("not_a_pipeline", "no model_index.json"),
+        ("missing_component", "component vqvae/ is missing"),
+        ("truncated", "truncated"),
+        ("wrong_class", "is not one of"),
+    ],
+)
 def test_bad_folders_give_one_clear_line(unconditional, tmp_path, damage, message):
     folder = save_pipeline(unconditional[0], tmp_path / "pipe")
     if damage == "not_a_pipeline":
@@ -184,7 +205,7 @@ def test_load_names_a_wrong_key(unconditional, tmp_path):
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     state = load_file(str(path))
-    state["unet.conv_in.weight"] = state["unet.conv_in.weight"][:, :2]
+    state["unet.conv_in.weight"] = state["unet.conv_in.weight"][:, :2].contiguous()
     state["unet.extra.weight"] = state.pop("unet.conv_out.bias")
     save_file(state, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match=r"unet\.conv_out\.bias.*unet\.extra\.weight.*unet\.conv_in\.weight"):

@@ -17,15 +17,24 @@ from ldm_mini.loading import DTYPES, write_file
 from .common import PICKLE_SUFFIXES, ConversionError
 
 
-def convert(source: str | Path, out: str | Path, config: str | Path | None = None, dtype: str | None = None,
-            force: bool = False, ema: bool | None = None, scale_factor: float | None = None) -> Path:
+def convert(
+    source: str | Path,
+    out: str | Path,
+    config: str | Path | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+    ema: bool | None = None,
+    scale_factor: float | None = None,
+) -> Path:
     """Convert SOURCE into OUT; returns OUT. Raises ConversionError (or FileExistsError) on bad input."""
     source, out = Path(source), Path(out)
     if out.exists() and not force:  # checked first: no work is wasted on a refused output
         raise FileExistsError(f"{out} exists: pass --force to overwrite it")
     if source.is_dir():
         if config is not None or ema is not None:
-            raise ConversionError("--config/--ema/--no-ema apply to CompVis .ckpt files, not diffusers folders")
+            raise ConversionError(
+                "--config/--ema/--no-ema apply to CompVis .ckpt files, not diffusers folders"
+            )
         from .diffusers_format import convert_folder
 
         tensors, meta = convert_folder(source)
@@ -47,8 +56,9 @@ def convert(source: str | Path, out: str | Path, config: str | Path | None = Non
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m weights_tools.convert",
-        description="Convert Latent Diffusion weights (diffusers folder or CompVis .ckpt) to one ldm_mini file.",
-        epilog="example: python -m weights_tools.convert ./ldm-celebahq-256 celebahq.safetensors --dtype float16",
+        description="Convert Latent Diffusion weights (a diffusers folder or a CompVis .ckpt) to one file.",
+        epilog="example: python -m weights_tools.convert ./ldm-celebahq-256 celebahq.safetensors "
+        "--dtype float16",
     )
     parser.add_argument("source", help="diffusers pipeline folder, or CompVis .ckpt (with --config)")
     parser.add_argument("out", help="output .safetensors file")
@@ -56,8 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="store floating-point weights in this dtype")
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     ema = parser.add_mutually_exclusive_group()
-    ema.add_argument("--ema", dest="ema", action="store_true", default=None,
-                     help="use the EMA weights (the default when the checkpoint has them)")
+    ema.add_argument(
+        "--ema",
+        dest="ema",
+        action="store_true",
+        default=None,
+        help="use the EMA weights (the default when the checkpoint has them)",
+    )
     ema.add_argument("--no-ema", dest="ema", action="store_false", help="keep the raw (non-EMA) weights")
     parser.add_argument("--scale-factor", type=float, help="override the latent scale factor")
     args = parser.parse_args(argv)

@@ -48,7 +48,11 @@ LDMBERT = [
 ]
 DIFFUSERS_VQ_DEFAULT_SCALE = 0.18215  # what current diffusers writes into every VQModel config
 
-WEIGHT_NAMES = ("diffusion_pytorch_model", "model", "pytorch_model")  # diffusers, transformers, old transformers
+WEIGHT_NAMES = (
+    "diffusion_pytorch_model",
+    "model",
+    "pytorch_model",
+)  # diffusers, transformers, old transformers
 
 
 # --- weights ----------------------------------------------------------------------------------------
@@ -66,7 +70,9 @@ def find_weights(folder: Path) -> list[Path]:
                     shards = sorted(set(read_json(index).get("weight_map", {}).values()))
                     return [folder / s for s in shards]
     found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    raise ConversionError(f"{folder}: no weight file (e.g. diffusion_pytorch_model.safetensors); found {found}")
+    raise ConversionError(
+        f"{folder}: no weight file (e.g. diffusion_pytorch_model.safetensors); found {found}"
+    )
 
 
 def read_component(folder: Path, table: list[tuple[str, str]]) -> dict:
@@ -80,7 +86,9 @@ def read_component(folder: Path, table: list[tuple[str, str]]) -> dict:
 def channel_mult(block_out_channels: list[int], where: str) -> tuple[int, tuple[int, ...]]:
     base = block_out_channels[0]
     if any(c % base for c in block_out_channels):
-        raise ConversionError(f"{where}: block_out_channels {block_out_channels} are not multiples of the first")
+        raise ConversionError(
+            f"{where}: block_out_channels {block_out_channels} are not multiples of the first"
+        )
     return base, tuple(c // base for c in block_out_channels)
 
 
@@ -88,15 +96,34 @@ def require(config: dict, where: str, **expected) -> None:
     """ldm_mini implements the published architecture; refuse configs that change it elsewhere."""
     for key, value in expected.items():
         if key in config and config[key] not in (value, None):
-            raise ConversionError(f"{where}: {key}={config[key]!r} is not supported (ldm_mini implements {value!r})")
+            raise ConversionError(
+                f"{where}: {key}={config[key]!r} is not supported (ldm_mini implements {value!r})"
+            )
 
 
 def unet_config(c: dict, where: str) -> UNetConfig:
-    require(c, where, flip_sin_to_cos=True, freq_shift=0, act_fn="silu", center_input_sample=False,
-            time_embedding_type="positional", norm_eps=1e-5, use_linear_projection=False,
-            class_embed_type=None, resnet_time_scale_shift="default", upcast_attention=False,
-            only_cross_attention=False, mid_block_scale_factor=1, downsample_padding=1, add_attention=True,
-            downsample_type="conv", upsample_type="conv", encoder_hid_dim=None, addition_embed_type=None)
+    require(
+        c,
+        where,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        act_fn="silu",
+        center_input_sample=False,
+        time_embedding_type="positional",
+        norm_eps=1e-5,
+        use_linear_projection=False,
+        class_embed_type=None,
+        resnet_time_scale_shift="default",
+        upcast_attention=False,
+        only_cross_attention=False,
+        mid_block_scale_factor=1,
+        downsample_padding=1,
+        add_attention=True,
+        downsample_type="conv",
+        upsample_type="conv",
+        encoder_hid_dim=None,
+        addition_embed_type=None,
+    )
     base, mult = channel_mult(c["block_out_channels"], where)
     down = c["down_block_types"]
     attention_levels = [i for i, name in enumerate(down) if "Attn" in name]
@@ -132,8 +159,16 @@ def unet_config(c: dict, where: str) -> UNetConfig:
 
 
 def autoencoder_config(c: dict, where: str) -> AutoencoderConfig:
-    require(c, where, act_fn="silu", norm_type="group", mid_block_add_attention=True, use_quant_conv=True,
-            use_post_quant_conv=True, shift_factor=None)
+    require(
+        c,
+        where,
+        act_fn="silu",
+        norm_type="group",
+        mid_block_add_attention=True,
+        use_quant_conv=True,
+        use_post_quant_conv=True,
+        shift_factor=None,
+    )
     base, mult = channel_mult(c["block_out_channels"], where)
     vq = c["_class_name"] == "VQModel"
     latent = c["latent_channels"]
@@ -185,7 +220,9 @@ def schedule_config(c: dict, where: str) -> ScheduleConfig:
     if c.get("trained_betas") is not None:
         raise ConversionError(f"{where}: trained_betas are not supported")
     if c.get("prediction_type", "epsilon") != "epsilon":
-        raise ConversionError(f"{where}: prediction_type {c['prediction_type']!r} (ldm_mini predicts epsilon)")
+        raise ConversionError(
+            f"{where}: prediction_type {c['prediction_type']!r} (ldm_mini predicts epsilon)"
+        )
     if c.get("beta_schedule", "linear") not in BETA_SCHEDULES:
         raise ConversionError(f"{where}: unknown beta_schedule {c['beta_schedule']!r}")
     return ScheduleConfig(
@@ -220,7 +257,8 @@ def convert_folder(folder: str | Path) -> tuple[dict, dict[str, str]]:
     index = folder / "model_index.json"
     if not index.is_file():
         raise ConversionError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
-    pipeline = read_json(index).get("_class_name")
+    index_json = read_json(index)
+    pipeline = index_json.get("_class_name")
     if pipeline not in PIPELINES:
         raise ConversionError(f"{index}: pipeline {pipeline!r} is not one of {', '.join(PIPELINES)}")
     kind = PIPELINES[pipeline]
@@ -235,17 +273,25 @@ def convert_folder(folder: str | Path) -> tuple[dict, dict[str, str]]:
         return read_json(component(name) / file)
 
     unet_c, vae_c = config("unet"), config("vqvae")
-    for name, c, classes in (("unet", unet_c, ("UNet2DConditionModel", "UNet2DModel")),
-                             ("vqvae", vae_c, ("AutoencoderKL", "VQModel"))):
+    for name, c, classes in (
+        ("unet", unet_c, ("UNet2DConditionModel", "UNet2DModel")),
+        ("vqvae", vae_c, ("AutoencoderKL", "VQModel")),
+    ):
         if c.get("_class_name") not in classes:
-            raise ConversionError(f"{folder / name}/config.json: class {c.get('_class_name')!r}, expected {classes}")
+            raise ConversionError(
+                f"{folder / name}/config.json: class {c.get('_class_name')!r}, expected {classes}"
+            )
     tensors = {}
     tensors.update({f"unet.{k}": v for k, v in read_component(component("unet"), LEGACY_ATTENTION).items()})
-    tensors.update({f"autoencoder.{k}": v for k, v in read_component(component("vqvae"), LEGACY_ATTENTION).items()})
+    tensors.update(
+        {f"autoencoder.{k}": v for k, v in read_component(component("vqvae"), LEGACY_ATTENTION).items()}
+    )
     text_config, vocab = None, None
     if kind == "txt2img":
         text_config = bert_config(config("bert"), str(folder / "bert"))
-        tensors.update({f"text_encoder.{k}": v for k, v in read_component(component("bert"), LDMBERT).items()})
+        tensors.update(
+            {f"text_encoder.{k}": v for k, v in read_component(component("bert"), LDMBERT).items()}
+        )
         vocab = tokenizer_vocab(component("tokenizer"))
     meta = make_metadata(
         kind=kind,
@@ -255,6 +301,6 @@ def convert_folder(folder: str | Path) -> tuple[dict, dict[str, str]]:
         scale_factor=scale_factor_of(vae_c, kind),
         text_encoder=text_config,
         vocab=vocab,
-        source=f"diffusers {pipeline} folder {folder.resolve().name} (diffusers {read_json(index).get('_diffusers_version')})",
+        source=f"{pipeline} folder {folder.resolve().name}, diffusers {index_json.get('_diffusers_version')}",
     )
     return tensors, meta
