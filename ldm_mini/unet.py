@@ -30,7 +30,7 @@ class UNetConfig:
     The head-count trap: CompVis names the number of heads `num_heads` and the size of a head
     `num_head_channels` (set one). diffusers stores either in ONE field, `attention_head_dim`: in the text2im
     UNet2DConditionModel config it is the NUMBER of heads (8, so a head has C/8 channels), in the celebahq
-    and super-res UNet2DModel configs it is the SIZE of a head (32, so a level with C channels has C/32 heads).
+    and super-res UNet2DModel configs it is the SIZE of a head (32, so a level of C channels has C/32 heads).
     """
 
     in_channels: int = 4  # superres: 6 = 3 latent + 3 low-res image channels (concat)
@@ -41,8 +41,7 @@ class UNetConfig:
     attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsampling factors ds, not pixels
     num_heads: int | None = 8  # set exactly one of num_heads / num_head_channels
     num_head_channels: int | None = None
-    context_dim: int | None = 1280  # cross-attention (SpatialTransformer) when set; None: legacy
-    # self-attention blocks (celebahq, superres)
+    context_dim: int | None = 1280  # cross-attention when set; None: self-attention only (celebahq, superres)
     transformer_depth: int = 1
     norm_num_groups: int = 32
 
@@ -64,8 +63,8 @@ class UNetConfig:
                 )
             if c % (self.num_heads or self.num_head_channels):
                 raise ValueError(
-                    f"UNetConfig: level {level} has {c} channels, not divisible by num_heads/num_head_channels "
-                    f"{self.num_heads or self.num_head_channels}; change one of them."
+                    f"UNetConfig: level {level} has {c} channels, not divisible by num_heads or "
+                    f"num_head_channels {self.num_heads or self.num_head_channels}; change one of them."
                 )
 
     def heads(self, channels: int) -> int:
@@ -120,7 +119,7 @@ class TimestepMLP(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv, + projected time embedding, GroupNorm-SiLU-conv, + shortcut (1x1 conv if C changes).
+    """GroupNorm-SiLU-conv + projected time embedding, GroupNorm-SiLU-conv + shortcut (1x1 conv if C changes).
 
     `emb` arrives with SiLU applied (once, in UNet.forward, instead of in every block as in CompVis).
     """
@@ -138,14 +137,16 @@ class ResBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
         h = h + self.time_emb_proj(emb)[:, :, None, None]  # (B, C_out, 1, 1): one shift per channel
         h = self.conv2(F.silu(self.norm2(h)))
-        return h + (x if self.conv_shortcut is None else self.conv_shortcut(x))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return skip + h  # skip first, as diffusers (see SelfAttentionBlock.forward)
 
 
 class Attention(nn.Module):
     """Multi-head attention of queries x (B, N, C) over context (B, L, C_ctx); self-attention if no context.
 
     Set `keep_attention = True` to store the softmax probabilities in `attention_probs` (B, heads, N, L)
-    at every forward call (computed explicitly then, instead of by the fused kernel).
+    at every forward call: they are computed explicitly, beside the fused kernel, whose output is still the
+    one used, so that looking at the maps never changes a sample (not even in the last bit).
     """
 
     def __init__(self, query_dim: int, context_dim: int, heads: int, head_dim: int, qkv_bias: bool):
@@ -163,14 +164,11 @@ class Attention(nn.Module):
         # LDM Eq. 3: Q = W_Q phi(z), K = W_K tau(y), V = W_V tau(y); split the width into heads.
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # (B, N, heads*d), (B, L, heads*d)
         q, k, v = (y.unflatten(-1, (self.heads, -1)).transpose(1, 2) for y in (q, k, v))  # (B, heads, N|L, d)
-        if self.keep_attention:
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(Q K^T / sqrt(d)) V, (B, heads, N, d)
+        self.attention_probs = None
+        if self.keep_attention:  # the same softmax, written out to be kept
             scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, heads, N, L)
-            probs = scores.softmax(dim=-1)  # each query's weights over the L keys sum to 1
-            self.attention_probs = probs.detach()
-            out = probs @ v  # (B, heads, N, d)
-        else:
-            self.attention_probs = None
-            out = F.scaled_dot_product_attention(q, k, v)  # softmax(Q K^T / sqrt(d)) V, (B, heads, N, d)
+            self.attention_probs = scores.softmax(dim=-1).detach()  # each query's weights over the L keys
         return self.to_out(out.transpose(1, 2).flatten(2))  # (B, N, C)
 
 
@@ -183,9 +181,11 @@ class SelfAttentionBlock(Attention):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:  # context: always None here
         b, c, h, w = x.shape
-        tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
-        out = super().forward(tokens)  # (B, h*w, C)
-        return x + out.transpose(1, 2).reshape(b, c, h, w)
+        tokens = self.group_norm(x.flatten(2)).transpose(1, 2)  # (B, C, h, w) -> (B, C, h*w) -> (B, h*w, C)
+        out = super().forward(tokens).transpose(1, 2).reshape(b, c, h, w)  # (B, C, h, w), channels-last
+        # A sum takes the memory layout of its first operand, and that layout picks the next conv's kernel:
+        # adding in diffusers' order (here and in ResBlock) gives bit-identical outputs, not just to ~1e-6.
+        return out + x
 
 
 class GEGLU(nn.Module):
@@ -288,8 +288,9 @@ class DownBlock(nn.Module):
 
     def __init__(self, in_ch, out_ch, time_dim, n, groups, heads, context_dim, depth, downsample: bool):
         super().__init__()
-        self.resnets = nn.ModuleList(ResBlock(in_ch if i == 0 else out_ch, out_ch, time_dim, groups) for i in range(n))
-        attns = [make_attention(out_ch, heads, context_dim, depth, groups) for _ in range(n)] if heads else []
+        ins = [in_ch] + [out_ch] * (n - 1)
+        self.resnets = nn.ModuleList(ResBlock(c, out_ch, time_dim, groups) for c in ins)
+        attns = [make_attention(out_ch, heads, context_dim, depth, groups) for _ in ins] if heads else []
         self.attentions = nn.ModuleList(attns)
         self.downsamplers = nn.ModuleList([Downsample(out_ch)] if downsample else [])
 
@@ -325,7 +326,7 @@ class UpBlock(nn.Module):
             if self.attentions:
                 h = self.attentions[i](h, context)
         for up in self.upsamplers:
-            h = up(h, size=skips[-1].shape[-2:])  # to the size of the next skip: 2x, or odd as on the way down
+            h = up(h, size=skips[-1].shape[-2:])  # to the next skip's size: 2x, or odd as on the way down
         return h
 
 
@@ -344,7 +345,10 @@ class MidBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x, t, context): x (B, in_channels, h, w), t (B,) / 0-dim / int -> eps (B, out_channels, h, w)."""
+    """eps_theta(x, t, context): x (B, in_channels, h, w), t int|0-dim|(B,) -> eps (B, out_channels, h, w).
+
+    context: (B, L, context_dim) for the cross-attention model, None otherwise.
+    """
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -364,9 +368,9 @@ class UNet(nn.Module):
         self.down_blocks = nn.ModuleList()
         for level, out_ch in enumerate(chs):
             last = level == len(chs) - 1
-            in_ch = skip_chs[-1]
+            in_ch, heads = skip_chs[-1], heads_at(level)
             self.down_blocks.append(
-                DownBlock(in_ch, out_ch, time_dim, n, groups, heads_at(level), **attn, downsample=not last)
+                DownBlock(in_ch, out_ch, time_dim, n, groups, heads, **attn, downsample=not last)
             )
             skip_chs += [out_ch] * (n if last else n + 1)
 
@@ -376,8 +380,9 @@ class UNet(nn.Module):
         in_ch = chs[-1]
         for level in reversed(range(len(chs))):
             pops = [skip_chs.pop() for _ in range(n + 1)]  # each decoder level takes n + 1 skips
+            heads = heads_at(level)
             self.up_blocks.append(
-                UpBlock(in_ch, chs[level], pops, time_dim, groups, heads_at(level), **attn, upsample=level > 0)
+                UpBlock(in_ch, chs[level], pops, time_dim, groups, heads, **attn, upsample=level > 0)
             )
             in_ch = chs[level]
 
@@ -387,8 +392,8 @@ class UNet(nn.Module):
     def cross_attention_layers(self) -> list[tuple[str, Attention]]:
         """(name, module) of every cross-attention (attn2), in forward order (= registration order).
 
-        Set `module.keep_attention = True` on one to read its `attention_probs` (B, heads, h*w, L) after a call.
-        Empty for models without cross-attention.
+        Set `module.keep_attention = True` on one, call the UNet, read `module.attention_probs`
+        (B, heads, h*w, L). Empty for models without cross-attention.
         """
         return [(name, m) for name, m in self.named_modules() if name.endswith(".attn2")]
 
@@ -397,10 +402,12 @@ class UNet(nn.Module):
         b = x.shape[0]
         t = torch.as_tensor(t, device=x.device)
         if t.ndim > 1 or t.numel() not in (1, b):
-            raise ValueError(f"UNet: t must be an int, a 0-dim tensor or a ({b},) tensor, got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"UNet: t must be an int, a 0-dim tensor or a ({b},) tensor, not {tuple(t.shape)}"
+            )
         t = t.reshape(-1).expand(b)  # (B,)
 
-        t_freq = timestep_embedding(t, self.config.model_channels).to(x.dtype)  # (B, C0), float32 -> x's dtype
+        t_freq = timestep_embedding(t, self.config.model_channels).to(x.dtype)  # (B, C0), to x's dtype
         emb = F.silu(self.time_embedding(t_freq))  # (B, 4*C0); the SiLU every ResBlock applies first, once
 
         h = self.conv_in(x)  # (B, C0, h, w)
@@ -415,8 +422,10 @@ class UNet(nn.Module):
     def _check_inputs(self, x: Tensor, context: Tensor | None) -> None:
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            hint = " (super-res: concatenate the low-res image to the latent on dim 1)" if cfg.in_channels > 4 else ""
-            raise ValueError(f"UNet: x must have shape (B, {cfg.in_channels}, h, w){hint}, got {tuple(x.shape)}")
+            raise ValueError(
+                f"UNet: x must have shape (B, {cfg.in_channels}, h, w), got {tuple(x.shape)}. "
+                "(Super-res: concatenate the low-res image to the latent on dim 1.)"
+            )
         if cfg.context_dim is None and context is not None:
             raise ValueError(
                 "UNet: this model has no cross-attention (context_dim=None): pass context=None "
@@ -426,7 +435,7 @@ class UNet(nn.Module):
             if context is None:
                 raise ValueError(
                     f"UNet: this model cross-attends to a context: pass context (B, L, {cfg.context_dim}), "
-                    "e.g. the text encoder's output (the empty prompt's for the unconditional half of guidance)."
+                    "e.g. the text encoder's output (for guidance, the empty prompt's in the other half)."
                 )
             if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[2] != cfg.context_dim:
                 raise ValueError(

@@ -1,0 +1,218 @@
+"""Parity of ldm_mini.unet.UNet with diffusers' UNet2DConditionModel / UNet2DModel (0.42.1).
+
+Tiny random diffusers models with every parameter re-initialised (a fresh model has zero biases and unit
+norm scales, which would hide a bias or norm wired to the wrong place), loaded strictly into ours; float32 on
+CPU, outputs of order 1, compared at atol 1e-5, rtol 0. (Measured: the outputs are equal bit for bit.)
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from diffusers import UNet2DConditionModel, UNet2DModel
+
+from ldm_mini.unet import CELEBAHQ_256, SUPERRES_4X, TEXT2IM_256, Attention, UNet, UNetConfig
+
+REALCONFIGS = Path(__file__).parent / "realconfigs"
+ATOL = 1e-5  # float32; a miss at 1e-5 on order-1 outputs is a real difference, not rounding
+
+# Tiny versions of the three published patterns (see the presets in ldm_mini/unet.py).
+TINY_TEXT2IM = UNetConfig(  # CrossAttnDown, Down: attention at every level but the last, + mid
+    model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1,), num_heads=2,
+    context_dim=16, norm_num_groups=8,
+)  # fmt: skip
+TINY_TEXT2IM_DEEP = UNetConfig(  # 3 levels, 2 res blocks, 4 heads, 2 transformer blocks, 32 groups
+    model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(2, 1), num_heads=4,
+    context_dim=24, transformer_depth=2, norm_num_groups=32,
+)  # fmt: skip
+TINY_CELEBAHQ = UNetConfig(  # Down, AttnDown, AttnDown; heads of 16 channels (4 at 64 channels)
+    in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2,
+    attention_resolutions=(4, 2), num_heads=None, num_head_channels=16, context_dim=None, norm_num_groups=8,
+)  # fmt: skip
+TINY_SUPERRES = UNetConfig(  # Down, Down, AttnDown; ds 8 is never reached (as ds 16 in bsr_sr); in 3 + 3
+    in_channels=6, out_channels=3, model_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1,
+    attention_resolutions=(8, 4), num_heads=None, num_head_channels=8, context_dim=None, norm_num_groups=8,
+)  # fmt: skip
+
+
+def diffusers_unet(cfg: UNetConfig):
+    """The diffusers model for a config. The trap: diffusers' `attention_head_dim` is the NUMBER of heads
+    in UNet2DConditionModel (CompVis num_heads) but the SIZE of a head in UNet2DModel (num_head_channels)."""
+    levels = range(len(cfg.channel_mult))
+    attn = [2**i in cfg.attention_resolutions for i in levels]
+    common = dict(
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels, layers_per_block=cfg.num_res_blocks,
+        block_out_channels=tuple(cfg.model_channels * m for m in cfg.channel_mult),
+        norm_num_groups=cfg.norm_num_groups, flip_sin_to_cos=True, freq_shift=0,
+    )  # fmt: skip
+    if cfg.context_dim is not None:
+        down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn)
+        up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
+        return UNet2DConditionModel(
+            down_block_types=down, up_block_types=up, attention_head_dim=cfg.num_heads,
+            cross_attention_dim=cfg.context_dim, transformer_layers_per_block=cfg.transformer_depth, **common,
+        )  # fmt: skip
+    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn)
+    up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
+    return UNet2DModel(
+        down_block_types=down, up_block_types=up, attention_head_dim=cfg.num_head_channels, **common
+    )
+
+
+@torch.no_grad()
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """All parameters random: weights ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.01), biases ~ N(0, 0.01)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        r = torch.randn(p.shape, generator=g)
+        if p.ndim >= 2:
+            p.copy_(r / p[0].numel() ** 0.5)
+        elif "norm" in name and name.endswith("weight"):
+            p.copy_(1 + 0.1 * r)
+        else:
+            p.copy_(0.1 * r)
+
+
+def pair(cfg: UNetConfig, seed: int = 0):
+    ref = diffusers_unet(cfg).eval()
+    randomize(ref, seed)
+    ours = UNet(cfg).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ours, ref
+
+
+def check(ours, ref, x, t, context=None):
+    with torch.no_grad():
+        kwargs = {} if context is None else {"encoder_hidden_states": context}
+        want = ref(x, t, **kwargs).sample
+        got = ours(x, t, context)
+    assert 0.3 < want.std() < 10, f"reference output std {want.std():.3g}: not of order 1"
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+    return got
+
+
+# (batch, h, w, t): t as an int, a 0-dim tensor, one per batch element; square and non-square.
+CASES = [
+    (1, 8, 8, 981),
+    (2, 16, 8, torch.tensor([3, 500])),
+    (3, 8, 12, torch.tensor(41)),
+]
+
+
+@pytest.mark.parametrize("cfg", [TINY_TEXT2IM, TINY_TEXT2IM_DEEP], ids=["text2im", "text2im_deep"])
+@pytest.mark.parametrize("batch, h, w, t", CASES + [(2, 9, 7, torch.tensor([999, 0]))])
+def test_cross_attention_unet_matches_diffusers(cfg, batch, h, w, t):
+    ours, ref = pair(cfg)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, cfg.in_channels, h, w, generator=gen)
+    context = torch.randn(batch, 7, cfg.context_dim, generator=gen)
+    check(ours, ref, x, t, context)  # (2, 9, 7): odd sizes, diffusers then upsamples to the skip's size
+
+
+@pytest.mark.parametrize("cfg", [TINY_CELEBAHQ, TINY_SUPERRES], ids=["celebahq", "superres"])
+@pytest.mark.parametrize("batch, h, w, t", CASES)
+def test_unconditional_and_concat_unet_matches_diffusers(cfg, batch, h, w, t):
+    ours, ref = pair(cfg)
+    x = torch.randn(batch, cfg.in_channels, h, w, generator=torch.Generator().manual_seed(2))
+    check(ours, ref, x, t)  # superres: x = cat(noisy latent, low-res image) on dim 1, 3 + 3 channels
+
+
+def test_attention_maps_only_when_asked():
+    ours, ref = pair(TINY_TEXT2IM_DEEP)
+    layers = ours.cross_attention_layers()
+    names = [name for name, _ in layers]
+    # forward order: down levels 0, 1 (2 attentions each), mid, up levels 1, 0 (3 each); 2 blocks in each
+    assert len(names) == (2 + 2 + 1 + 3 + 3) * 2
+    assert names[0] == "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+    assert names[9] == "mid_block.attentions.0.transformer_blocks.1.attn2"
+    assert names[-1] == "up_blocks.2.attentions.2.transformer_blocks.1.attn2"
+    assert UNet(TINY_CELEBAHQ).cross_attention_layers() == []
+
+    x, context = torch.randn(2, 4, 8, 12), torch.randn(2, 5, 24)
+    plain = check(ours, ref, x, 10, context)
+    assert all(m.attention_probs is None for _, m in layers)  # nothing stored unless asked
+
+    name, layer = layers[4]  # down level 1 (4 x 6 positions), 4 heads
+    assert name == "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    r, seen = ref.get_submodule(name), {}  # the same diffusers layer and its inputs, for its probabilities
+    r.register_forward_pre_hook(lambda m, args, kwargs: seen.update(kwargs, x=args[0]), with_kwargs=True)
+    layer.keep_attention = True
+    kept = check(ours, ref, x, 10, context)
+    assert torch.equal(kept, plain)  # looking at the maps changes no output, not even in the last bit
+
+    probs = layer.attention_probs
+    assert probs.shape == (2, 4, 4 * 6, 5)  # (B, heads, h*w, L)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 24), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        q = r.head_to_batch_dim(r.to_q(seen["x"]))  # (B * heads, N, d)
+        k = r.head_to_batch_dim(r.to_k(seen["encoder_hidden_states"]))  # (B * heads, L, d)
+        want = r.get_attention_scores(q, k).unflatten(0, (2, 4))  # (B * heads, N, L) -> (B, heads, N, L)
+    torch.testing.assert_close(probs, want, rtol=0, atol=1e-6)  # probabilities in [0, 1]
+    assert all(m.attention_probs is None for n, m in layers if n != name)
+
+    layer.keep_attention = False
+    check(ours, ref, x, 10, context)
+    assert layer.attention_probs is None  # switched off: the old map is dropped, not kept stale
+
+
+# (preset, realconfigs dir, CompVis yaml with the same UNet)
+PRESETS = [
+    (TEXT2IM_256, "ldm-text2im-large-256", "compvis/configs/latent-diffusion/txt2img-1p4B-eval.yaml"),
+    (CELEBAHQ_256, "ldm-celebahq-256", "compvis/models/ldm/celeba256/config.yaml"),
+    (SUPERRES_4X, "ldm-super-resolution-4x-openimages", "compvis/models/ldm/bsr_sr/config.yaml"),
+]
+
+
+@pytest.mark.parametrize("preset, hub_dir, yaml_path", PRESETS, ids=["text2im", "celebahq", "superres"])
+def test_presets_match_published_configs(preset, hub_dir, yaml_path):
+    params = yaml.safe_load((REALCONFIGS / yaml_path).read_text())["model"]["params"]["unet_config"]["params"]
+    from_yaml = UNetConfig(
+        in_channels=params["in_channels"],
+        out_channels=params["out_channels"],
+        model_channels=params["model_channels"],
+        channel_mult=params["channel_mult"],
+        num_res_blocks=params["num_res_blocks"],
+        attention_resolutions=params["attention_resolutions"],
+        num_heads=None if "num_head_channels" in params else params["num_heads"],
+        num_head_channels=params.get("num_head_channels"),
+        context_dim=params.get("context_dim"),
+        transformer_depth=params.get("transformer_depth", 1),
+    )
+    assert preset == from_yaml
+
+    # Full-size parameter shapes, on the meta device (no memory), equal the diffusers model of config.json.
+    config = json.loads((REALCONFIGS / hub_dir / "unet" / "config.json").read_text())
+    cls = {"UNet2DConditionModel": UNet2DConditionModel, "UNet2DModel": UNet2DModel}[config["_class_name"]]
+    with torch.device("meta"):
+        ref = cls.from_config(config)
+        ours = UNet(preset)
+    want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    only_ours, only_ref = sorted(got.keys() - want.keys()), sorted(want.keys() - got.keys())
+    assert not only_ours and not only_ref, (only_ours[:5], only_ref[:5])
+    assert got == want
+    # Shapes do not show the head count (the attention_head_dim trap): compare it per attention module.
+    want_heads = {n: m.heads for n, m in ref.named_modules() if type(m).__name__ == "Attention"}
+    got_heads = {n: m.heads for n, m in ours.named_modules() if isinstance(m, Attention)}
+    assert got_heads == want_heads
+
+
+def test_bad_inputs_give_clear_errors():
+    text, uncond = UNet(TINY_TEXT2IM), UNet(TINY_CELEBAHQ)
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 16)
+    with pytest.raises(ValueError, match="pass context"):
+        text(x, 1)
+    with pytest.raises(ValueError, match="context must have shape"):
+        text(x, 1, torch.randn(2, 7, 8))
+    with pytest.raises(ValueError, match="no cross-attention"):
+        uncond(torch.randn(2, 3, 8, 8), 1, ctx)
+    with pytest.raises(ValueError, match="x must have shape"):
+        uncond(x, 1)
+    with pytest.raises(ValueError, match="t must be"):
+        text(x, torch.tensor([1, 2, 3]), ctx)
+    with pytest.raises(ValueError, match="exactly one of num_heads"):
+        UNetConfig(num_head_channels=32)  # num_heads defaults to 8: both set
+    with pytest.raises(ValueError, match="norm_num_groups"):
+        UNetConfig(model_channels=48)
