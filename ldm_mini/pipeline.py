@@ -180,13 +180,14 @@ def unconditional(m, batch_size=1, num_inference_steps=50, eta=0.0, generator=No
                   latents=None, return_intermediates=False, **sampler_overrides):  # fmt: skip
     """Unconditional samples (LDMPipeline; the ldm-celebahq-256 card uses 200 steps).
 
-    height/width default to 256, the published model's size (diffusers takes unet.config.sample_size
-    times the autoencoder factor; ldm_mini files do not record a sample size). Other arguments as txt2img.
+    height/width default to the size the model was trained at, as diffusers (unet.config.sample_size
+    times the autoencoder factor: 256 for ldm-celebahq-256). Other arguments as txt2img.
     """
     _check_call(m, "unconditional", num_inference_steps, sampler, output_type, eta, noise, sampler_overrides)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    shape = (batch_size, m.latent_channels, *_check_size(m, _or(height, 256), _or(width, 256)))
+    native = m.unet.config.image_size * m.downsample_factor
+    shape = (batch_size, m.latent_channels, *_check_size(m, _or(height, native), _or(width, native)))
     _check_tensor("latents", latents, shape)
     _check_tensor("noise", noise, (num_inference_steps, *shape))
 

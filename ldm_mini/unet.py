@@ -44,6 +44,7 @@ class UNetConfig:
     context_dim: int | None = 1280  # cross-attention when set; None: self-attention only (celebahq, superres)
     transformer_depth: int = 1
     norm_num_groups: int = 32
+    image_size: int = 32  # latent side the model was trained at (diffusers `sample_size`); sets default sizes
 
     def __post_init__(self):
         # YAML/JSON give lists; keep tuples so that configs compare equal and stay hashable.
@@ -82,6 +83,7 @@ CELEBAHQ_256 = UNetConfig(  # celebahq-ldm-vq-4.yaml; attention at ds 2, 4, 8 (l
     num_heads=None,
     num_head_channels=32,
     context_dim=None,
+    image_size=64,
 )
 SUPERRES_4X = UNetConfig(  # bsr_sr/config.yaml; ds 16 is never reached: attention at level 3 (ds 8) + mid
     in_channels=6,
@@ -92,6 +94,7 @@ SUPERRES_4X = UNetConfig(  # bsr_sr/config.yaml; ds 16 is never reached: attenti
     num_heads=None,
     num_head_channels=32,
     context_dim=None,
+    image_size=64,
 )
 
 

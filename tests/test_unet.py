@@ -179,11 +179,13 @@ def test_presets_match_published_configs(preset, hub_dir, yaml_path):
         num_head_channels=params.get("num_head_channels"),
         context_dim=params.get("context_dim"),
         transformer_depth=params.get("transformer_depth", 1),
+        image_size=params["image_size"],
     )
     assert preset == from_yaml
 
     # Full-size parameter shapes, on the meta device (no memory), equal the diffusers model of config.json.
     config = json.loads((REALCONFIGS / hub_dir / "unet" / "config.json").read_text())
+    assert preset.image_size == config["sample_size"]
     cls = {"UNet2DConditionModel": UNet2DConditionModel, "UNet2DModel": UNet2DModel}[config["_class_name"]]
     with torch.device("meta"):
         ref = cls.from_config(config)

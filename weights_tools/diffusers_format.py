@@ -155,6 +155,7 @@ def unet_config(c: dict, where: str) -> UNetConfig:
         context_dim=(c.get("cross_attention_dim") or 1280) if cross else None,  # absent in the 2022 config
         transformer_depth=depth,
         norm_num_groups=c.get("norm_num_groups", 32),
+        image_size=c.get("sample_size", 32),
     )
 
 
