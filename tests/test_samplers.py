@@ -1,0 +1,456 @@
+"""Sampler parity against diffusers' schedulers, each driven by a hand-written reference loop.
+
+The model is a fake: a tiny fixed random eps predictor with the attributes of the LatentDiffusion
+container that samplers use (predict_noise, alphas_cumprod, schedule). Every step's latent and the
+final one are compared in float32 with assert_close(rtol=0, atol=1e-5).
+"""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
+from diffusers.schedulers import scheduling_ddpm, scheduling_lms_discrete
+from torch import nn
+
+from ldm_mini import samplers
+from ldm_mini.schedule import ScheduleConfig, make_alphas_cumprod
+
+# Without scipy, `diffusers.LMSDiscreteScheduler` is a placeholder that raises; the module's class is real
+# and needs scipy.integrate.quad only in step() (see the lms_reference fixture).
+LMSDiscreteScheduler = scheduling_lms_discrete.LMSDiscreteScheduler
+
+ATOL = 1e-5  # float32 on CPU: a miss here is a real difference, not rounding
+BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")  # ldm-text2im-large-256
+
+
+class FakeLDM(nn.Module):
+    """A stand-in for LatentDiffusion: eps(z, t, cond) = sqrt(1 - ab_t) z + 0.2 tanh(conv(z) cos(t / 300)
+    + sin(t / 70) / 10 + W mean(cond)). The first term is the exact eps of unit-Gaussian data, so latents
+    stay O(1) as with a trained model; the second depends on z, t (int or fractional) and the text context.
+    "superres" concatenates cond (an image) to z before the conv."""
+
+    def __init__(self, schedule=None, kind="txt2img", channels=4, context_dim=8):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.kind = kind
+        self.schedule = schedule or ScheduleConfig(**BETAS)
+        self.register_buffer("alphas_cumprod", make_alphas_cumprod(self.schedule), persistent=False)
+        c_in = 2 * channels if kind == "superres" else channels
+        self.conv = nn.Conv2d(c_in, channels, 3, padding=1)
+        self.ctx = nn.Linear(context_dim, channels)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        self.calls = []  # (batch, t) of every model call
+
+    @torch.no_grad()
+    def predict_noise(self, z, t, cond=None):
+        t = torch.as_tensor(t).float()
+        self.calls.append((z.shape[0], t.flatten()[0].item()))
+        t = t.reshape(-1, 1, 1, 1)  # (B or 1, 1, 1, 1)
+        ab = self.alphas_cumprod[t.round().long().clamp(0, len(self.alphas_cumprod) - 1)]
+        h = self.conv(torch.cat([z, cond], dim=1) if self.kind == "superres" else z)  # (B, c, h, w)
+        h = h * torch.cos(t / 300) + torch.sin(t / 70) / 10
+        if self.kind == "txt2img" and cond is not None:
+            h = h + self.ctx(cond.mean(1))[:, :, None, None]  # (B, L, D) -> (B, c, 1, 1)
+        return (1 - ab).sqrt() * z + 0.2 * torch.tanh(h)
+
+
+def inputs(batch=2, seed=0):
+    """x_T (B, 4, 8, 8), cond and uncond contexts (B, 5, 8)."""
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(batch, 4, 8, 8, generator=g),
+        torch.randn(batch, 5, 8, generator=g),
+        torch.randn(batch, 5, 8, generator=g),
+    )
+
+
+@torch.no_grad()
+def reference_loop(sched, m, x_T, num_steps, cond, uncond, scale, step_kwargs=lambda i: {}):
+    """What a correct diffusers pipeline does (LDMTextToImagePipeline's guidance, plus init_noise_sigma
+    and scale_model_input as in LDMPipeline). Returns the latents and predicted x_0 after each step."""
+    sched.set_timesteps(num_steps)
+    z = x_T * sched.init_noise_sigma
+    zs, x0s = [], []
+    for i, t in enumerate(sched.timesteps):
+        z_in = sched.scale_model_input(z, t)
+        if scale == 1.0:
+            eps = m.predict_noise(z_in, t, cond)
+        else:
+            e_uc, e_c = m.predict_noise(torch.cat([z_in] * 2), t, torch.cat([uncond, cond])).chunk(2)
+            eps = e_uc + scale * (e_c - e_uc)
+        out = sched.step(eps, t, z, **step_kwargs(i))
+        z = out.prev_sample
+        zs.append(z)
+        x0s.append(getattr(out, "pred_original_sample", None))
+    return zs, x0s
+
+
+def run(sampler, m, x_T, **kw):
+    """Our sampler with a callback that keeps every step's dict."""
+    steps = []
+    z0 = sampler(m, x_T, callback=steps.append, progress=False, **kw)
+    return z0, steps
+
+
+def assert_steps_close(z0, steps, ref_zs, ref_x0s=None):
+    """Every step's latent (and predicted x_0 when given) and the final latent, in one stacked compare
+    each: a mismatch reports its index as (step, batch, channel, y, x)."""
+    assert [s["i"] for s in steps] == list(range(len(ref_zs)))
+    torch.testing.assert_close(torch.stack([s["z"] for s in steps]), torch.stack(ref_zs), rtol=0, atol=ATOL)
+    if ref_x0s is not None:
+        torch.testing.assert_close(
+            torch.stack([s["x0"] for s in steps]), torch.stack(ref_x0s), rtol=0, atol=ATOL
+        )
+    torch.testing.assert_close(z0, ref_zs[-1], rtol=0, atol=ATOL)
+
+
+# --- timesteps ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "spacing, offset", [("leading", 0), ("leading", 1), ("trailing", 0), ("linspace", 0)]
+)
+def test_timesteps_match_diffusers_for_every_step_count(spacing, offset):
+    ref = DDIMScheduler(**BETAS, steps_offset=offset, timestep_spacing=spacing)
+    for S in range(1, 1001):
+        if spacing == "leading" and offset and S == 1000:
+            continue  # t = 1000 does not exist: ours raises (below), diffusers would index out of range
+        ref.set_timesteps(S)
+        ours = samplers.ddim_timesteps(S, 1000, offset, spacing)
+        theirs = ref.timesteps.tolist()
+        if len(theirs) == S + 1:  # a diffusers quirk: np.arange(T, 0, -T/S) sometimes ends with t = -1
+            assert spacing == "trailing" and theirs[-1] == -1
+            theirs = theirs[:-1]
+        assert ours == theirs, (S, ours, theirs)
+
+
+def test_compvis_convention():
+    assert samplers.ddim_timesteps(5, 1000, steps_offset=1) == [801, 601, 401, 201, 1]
+    ab = make_alphas_cumprod(ScheduleConfig(**BETAS))
+    (a_t, a_prev), *_ = reversed(samplers.ddim_alphas(ab, [801, 601, 401, 201, 1], set_alpha_to_one=False))
+    assert a_t == ab[1] and a_prev == ab[0]  # the last step goes to alpha-bar_0, not 1
+
+
+@pytest.mark.parametrize("spacing, offset", [("linspace", 0), ("leading", 1), ("trailing", 0)])
+def test_lms_sigmas_match_diffusers(spacing, offset):
+    ref = LMSDiscreteScheduler(**BETAS, steps_offset=offset, timestep_spacing=spacing)
+    ab = make_alphas_cumprod(ScheduleConfig(**BETAS))
+    for S in [1, 2, 3, 7, 48, 50, 99, 250, 999, 1000]:
+        if spacing == "leading" and S == 1000:
+            continue
+        ref.set_timesteps(S)
+        ts = torch.tensor(samplers._spaced(S, 1000, offset, spacing))  # float32, fractional for linspace
+        torch.testing.assert_close(ts, ref.timesteps, rtol=0, atol=0)
+        torch.testing.assert_close(samplers.lms_sigmas(ab, ts.tolist()), ref.sigmas, rtol=0, atol=0)
+
+
+# --- DDIM -----------------------------------------------------------------------------------------
+SETTINGS = [  # (timestep_spacing, steps_offset, set_alpha_to_one)
+    ("leading", 0, True),  # diffusers' DDIMScheduler defaults
+    ("leading", 1, False),  # the CompVis convention
+    ("trailing", 0, True),
+    ("linspace", 0, False),
+]
+
+
+# (eta, guidance) (0, 1) and (0.7, 5) for every setting; the other two for diffusers' defaults.
+DDIM_CASES = [(*c, eta, scale) for c in SETTINGS for eta, scale in [(0.0, 1.0), (0.7, 5.0)]]
+DDIM_CASES += [(*SETTINGS[0], 0.0, 5.0), (*SETTINGS[0], 0.7, 1.0)]
+
+
+@pytest.mark.parametrize("spacing, offset, alpha_one, eta, scale", DDIM_CASES)
+@pytest.mark.parametrize("num_steps", [1, 7, 30])
+def test_ddim_matches_diffusers(spacing, offset, alpha_one, num_steps, eta, scale):
+    m = FakeLDM()
+    x_T, cond, uncond = inputs()
+    noise = torch.randn(num_steps, *x_T.shape, generator=torch.Generator().manual_seed(1))
+    sched = DDIMScheduler(
+        **BETAS, clip_sample=False, set_alpha_to_one=alpha_one, steps_offset=offset, timestep_spacing=spacing
+    )
+    kwargs = (lambda i: {"eta": eta, "variance_noise": noise[i]}) if eta else (lambda i: {"eta": 0.0})
+    ref_zs, ref_x0s = reference_loop(sched, m, x_T, num_steps, cond, uncond, scale, kwargs)
+    z0, steps = run(
+        samplers.ddim,
+        m,
+        x_T,
+        num_steps=num_steps,
+        cond=cond,
+        uncond=uncond,
+        guidance_scale=scale,
+        eta=eta,
+        noise=noise if eta else None,
+        steps_offset=offset,
+        set_alpha_to_one=alpha_one,
+        timestep_spacing=spacing,
+    )
+    assert_steps_close(z0, steps, ref_zs, ref_x0s)
+    assert [s["t"] for s in steps] == sched.timesteps.tolist()
+
+
+def test_ddim_defaults_come_from_the_model_schedule():
+    m = FakeLDM(ScheduleConfig(**BETAS, steps_offset=1, set_alpha_to_one=False))
+    x_T, cond, _ = inputs()
+    sched = DDIMScheduler(**BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    ref_zs, _ = reference_loop(sched, m, x_T, 10, cond, None, 1.0)
+    z0, steps = run(samplers.ddim, m, x_T, num_steps=10, cond=cond)
+    assert_steps_close(z0, steps, ref_zs)
+    assert steps[-1]["t"] == 1
+
+
+def test_ddim_clip_sample_and_superres_cond():
+    m = FakeLDM(ScheduleConfig(**BETAS, clip_sample=True), kind="superres")
+    x_T, *_ = inputs()
+    low_res = torch.rand(2, 4, 8, 8) * 2 - 1  # the low-res "image", concatenated, never guided
+    sched = DDIMScheduler(**BETAS, clip_sample=True)
+    ref_zs, ref_x0s = reference_loop(sched, m, x_T, 20, low_res, None, 1.0)
+    assert_steps_close(*run(samplers.ddim, m, x_T, num_steps=20, cond=low_res), ref_zs, ref_x0s)
+
+
+def test_unrolled_celebahq_loop_equals_ddim():
+    # The ldm-celebahq-256 model card loop (noise -> predict noise, one step -> decode), with our parts.
+    m = FakeLDM(kind="unconditional")
+    z = x_T = inputs()[0]
+    ts = samplers.ddim_timesteps(20)
+    for t, (a_t, a_prev) in zip(ts, samplers.ddim_alphas(m.alphas_cumprod, ts), strict=True):
+        eps = m.predict_noise(z, t)
+        z, _ = samplers.ddim_step(z, eps, a_t, a_prev)
+    torch.testing.assert_close(z, samplers.ddim(m, x_T, num_steps=20, progress=False), rtol=0, atol=0)
+
+
+# --- DDPM -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "num_steps, spacing, offset, scale",
+    [
+        (1000, "leading", 0, 1.0),
+        (50, "leading", 0, 5.0),
+        (7, "leading", 1, 5.0),
+        (10, "trailing", 0, 1.0),
+        (10, "linspace", 0, 5.0),
+    ],
+)
+def test_ddpm_matches_diffusers_with_injected_noise(monkeypatch, num_steps, spacing, offset, scale):
+    m = FakeLDM()
+    x_T, cond, uncond = inputs()
+    noise = torch.randn(num_steps, *x_T.shape, generator=torch.Generator().manual_seed(1))
+    step = {"i": None}
+    # DDPMScheduler.step has no variance_noise argument: hand it noise[i] where it draws.
+    monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda shape, **kw: noise[step["i"]])
+    sched = DDPMScheduler(
+        **BETAS, variance_type="fixed_small", clip_sample=False, timestep_spacing=spacing, steps_offset=offset
+    )
+    ref_zs, ref_x0s = reference_loop(
+        sched, m, x_T, num_steps, cond, uncond, scale, lambda i: step.update(i=i) or {}
+    )
+    z0, steps = run(
+        samplers.ddpm,
+        m,
+        x_T,
+        num_steps=num_steps,
+        cond=cond,
+        uncond=uncond,
+        guidance_scale=scale,
+        noise=noise,
+        steps_offset=offset,
+        timestep_spacing=spacing,
+    )
+    assert_steps_close(z0, steps, ref_zs, ref_x0s)
+
+
+def test_ddpm_matches_diffusers_with_the_same_generator():
+    m = FakeLDM(kind="unconditional")
+    x_T, *_ = inputs()
+    sched = DDPMScheduler(**BETAS, clip_sample=False)
+    g = torch.Generator().manual_seed(7)
+    ref_zs, _ = reference_loop(sched, m, x_T, 30, None, None, 1.0, lambda i: {"generator": g})
+    z0, steps = run(samplers.ddpm, m, x_T, num_steps=30, generator=torch.Generator().manual_seed(7))
+    assert_steps_close(z0, steps, ref_zs)
+
+
+@pytest.mark.parametrize(
+    "sampler, kw", [(samplers.ddpm, {"num_steps": 20}), (samplers.ddim, {"num_steps": 20, "eta": 1.0})]
+)
+def test_generator_determinism(sampler, kw):
+    m = FakeLDM(kind="unconditional")
+    x_T = inputs()[0]
+
+    def sample(seed):
+        return sampler(m, x_T, generator=torch.Generator().manual_seed(seed), progress=False, **kw)
+
+    torch.testing.assert_close(sample(3), sample(3), rtol=0, atol=0)
+    assert (sample(3) - sample(4)).abs().max() > 1e-2
+
+
+# --- PLMS -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "spacing, offset, alpha_one, scale", [(*c, s) for c, s in zip(SETTINGS, [1.0, 5.0] * 2, strict=True)]
+)
+@pytest.mark.parametrize("num_steps", [1, 2, 5, 30])
+def test_plms_matches_diffusers_pndm(spacing, offset, alpha_one, num_steps, scale):
+    m = FakeLDM()
+    x_T, cond, uncond = inputs()
+    sched = PNDMScheduler(
+        **BETAS,
+        skip_prk_steps=True,
+        set_alpha_to_one=alpha_one,
+        steps_offset=offset,
+        timestep_spacing=spacing,
+    )
+    ref_zs, _ = reference_loop(sched, m, x_T, num_steps, cond, uncond, scale)
+    m.calls.clear()
+    z0, steps = run(
+        samplers.plms,
+        m,
+        x_T,
+        num_steps=num_steps,
+        cond=cond,
+        uncond=uncond,
+        guidance_scale=scale,
+        steps_offset=offset,
+        set_alpha_to_one=alpha_one,
+        timestep_spacing=spacing,
+    )
+    # diffusers' first step() returns the trial state of the pseudo improved-Euler step: skip it.
+    assert_steps_close(z0, steps, ref_zs[1:] if num_steps > 1 else ref_zs)
+    assert len(m.calls) == len(sched.timesteps) == num_steps + (num_steps > 1)
+
+
+def test_plms_step_is_the_ddim_update():
+    # PNDM's Eq. 9 is DDIM's Eq. 12 with eta = 0, rearranged: equal up to float32 rounding.
+    ab = make_alphas_cumprod(ScheduleConfig(**BETAS))
+    z, eps = torch.randn(2, 2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    for t, t_prev in [(999, 979), (500, 480), (20, 0)]:
+        ours, x0 = samplers.plms_step(z, eps, ab[t], ab[t_prev])
+        ddim, ddim_x0 = samplers.ddim_step(z, eps, ab[t], ab[t_prev])
+        torch.testing.assert_close(ours, ddim, rtol=0, atol=1e-5)
+        torch.testing.assert_close(x0, ddim_x0, rtol=0, atol=0)
+
+
+def test_plms_eps_is_adams_bashforth():
+    e = [torch.full((1,), float(v)) for v in (1, 2, 3, 4, 5)]  # oldest first
+    assert samplers.plms_eps(e[0], []).item() == 1
+    assert samplers.plms_eps(e[1], e[:1]).item() == pytest.approx((3 * 2 - 1) / 2)
+    assert samplers.plms_eps(e[4], e[:4]).item() == pytest.approx((55 * 5 - 59 * 4 + 37 * 3 - 9 * 2) / 24)
+
+
+# --- LMS ------------------------------------------------------------------------------------------
+class GaussLegendre:
+    """Stand-in for scipy.integrate when scipy is absent: 8-point Gauss-Legendre quadrature, exact for
+    polynomials up to degree 15 (LMS integrates Lagrange polynomials of degree <= 3), as quad is."""
+
+    nodes, weights = np.polynomial.legendre.leggauss(8)
+
+    @classmethod
+    def quad(cls, f, a, b, epsrel=None):
+        a, b = float(a), float(b)
+        mid, half = (a + b) / 2, (b - a) / 2
+        return half * sum(
+            float(w) * float(f(mid + half * x)) for x, w in zip(cls.nodes, cls.weights, strict=True)
+        ), 0.0
+
+
+@pytest.fixture
+def lms_reference(monkeypatch):
+    try:
+        import scipy.integrate  # noqa: F401  (the real reference when installed)
+    except ImportError:
+        monkeypatch.setattr(scheduling_lms_discrete, "integrate", GaussLegendre, raising=False)
+
+
+@pytest.mark.parametrize("spacing, offset", [("linspace", 0), ("leading", 1), ("trailing", 0)])
+@pytest.mark.parametrize("num_steps, order, scale", [(1, 4, 5.0), (7, 4, 1.0), (7, 2, 5.0), (30, 4, 5.0)])
+def test_lms_matches_diffusers(lms_reference, spacing, offset, num_steps, order, scale):
+    m = FakeLDM()
+    x_T, cond, uncond = inputs()
+    sched = LMSDiscreteScheduler(**BETAS, timestep_spacing=spacing, steps_offset=offset)
+    ref_zs, ref_x0s = reference_loop(
+        sched, m, x_T, num_steps, cond, uncond, scale, lambda i: {"order": order}
+    )
+    z0, steps = run(
+        samplers.lms,
+        m,
+        x_T,
+        num_steps=num_steps,
+        cond=cond,
+        uncond=uncond,
+        guidance_scale=scale,
+        order=order,
+        steps_offset=offset,
+        timestep_spacing=spacing,
+    )
+    # Latents only: x0 = z - sigma * eps cancels two terms of size |z| ~ 50 (x_T * sigma_max), whose
+    # float32 ulp is 3.8e-6, so its rounding exceeds 1e-5; it is compared in float64 below.
+    assert_steps_close(z0, steps, ref_zs)
+    assert [s["t"] for s in steps] == sched.timesteps.tolist()  # fractional for linspace
+
+
+def test_lms_x0_matches_diffusers_in_float64(lms_reference):
+    m = FakeLDM().double()
+    m.alphas_cumprod = make_alphas_cumprod(m.schedule)  # the schedule stays float32, as diffusers'
+    x_T, cond, uncond = (x.double() for x in inputs())
+    sched = LMSDiscreteScheduler(**BETAS)  # linspace
+    ref_zs, ref_x0s = reference_loop(sched, m, x_T, 50, cond, uncond, 5.0)
+    z0, steps = run(
+        samplers.lms,
+        m,
+        x_T,
+        num_steps=50,
+        cond=cond,
+        uncond=uncond,
+        guidance_scale=5.0,
+        timestep_spacing="linspace",
+    )
+    # 1e-6: diffusers evaluates the LMS polynomials in float32 inside scipy's quad (ours are exact).
+    for s, ref_z, ref_x0 in zip(steps, ref_zs, ref_x0s, strict=True):
+        torch.testing.assert_close(s["z"], ref_z, rtol=0, atol=1e-6)
+        torch.testing.assert_close(s["x0"], ref_x0, rtol=0, atol=1e-6)
+
+
+def test_lms_coefficients_integrate_the_lagrange_basis():
+    sig = [14.6, 9.0, 5.5, 3.1, 1.2, 0.0]
+    for i, order in [(0, 1), (1, 2), (3, 4), (4, 4)]:
+        c = samplers.lms_coefficients(sig, i, order)
+        assert sum(c) == pytest.approx(sig[i + 1] - sig[i], rel=1e-12)  # the basis sums to 1
+
+
+# --- guidance and bad input -----------------------------------------------------------------------
+def test_guidance_is_one_batched_call_uncond_first():
+    m = FakeLDM()
+    x, cond, uncond = inputs()
+    eps = samplers.guided_eps(m, x, 500, cond, uncond, 3.0)
+    assert m.calls == [(4, 500.0)]
+    e_uc, e_c = m.predict_noise(x, 500, uncond), m.predict_noise(x, 500, cond)
+    torch.testing.assert_close(eps, e_uc + 3.0 * (e_c - e_uc), rtol=0, atol=1e-6)
+    m.calls.clear()
+    samplers.guided_eps(m, x, 500, cond, uncond, 1.0)  # s == 1: no guidance, one unbatched call
+    assert m.calls == [(2, 500.0)]
+
+
+@pytest.mark.parametrize(
+    "sampler, kw, match",
+    [
+        (samplers.ddim, {"num_steps": 0}, "num_steps"),
+        (samplers.ddim, {"num_steps": 1001}, "num_steps"),
+        (samplers.ddpm, {"num_steps": 2.5}, "num_steps"),
+        (samplers.ddpm, {"num_steps": 1000, "steps_offset": 1}, "steps_offset"),
+        (
+            samplers.ddim,
+            {"num_steps": 4, "noise": torch.zeros(3, 2, 4, 8, 8), "eta": 1.0},
+            "noise must have shape",
+        ),
+        (
+            samplers.ddpm,
+            {"num_steps": 4, "noise": torch.zeros(4, 2, 4, 8, 8), "generator": torch.Generator()},
+            "either",
+        ),
+        (samplers.plms, {"timestep_spacing": "uniform"}, "timestep_spacing"),
+        (samplers.lms, {"guidance_scale": 5.0, "cond": torch.zeros(2, 5, 8)}, "uncond"),
+        (samplers.lms, {"cond": torch.zeros(3, 5, 8)}, "batch"),
+        (samplers.lms, {"order": 5}, "order"),
+        (samplers.ddim, {"eta": -1.0}, "eta"),
+    ],
+)
+def test_bad_input_is_a_clear_error_before_any_compute(sampler, kw, match):
+    m = FakeLDM()
+    with pytest.raises(ValueError, match=match):
+        sampler(m, inputs()[0], progress=False, **kw)
+    assert m.calls == []
