@@ -27,7 +27,7 @@ from weights_tools.convert import convert
 ATOL = 1e-5
 STEPS = 6
 PROMPTS = ["a red circle above a blue square", "a painting of a squirrel eating a burger"]
-# Without scipy, diffusers.LMSDiscreteScheduler is a placeholder; the module's class is real (see lms_quad).
+# Without scipy, diffusers.LMSDiscreteScheduler is a placeholder; the module's class is real (conftest).
 LMSDiscreteScheduler = scheduling_lms_discrete.LMSDiscreteScheduler
 
 
@@ -65,26 +65,6 @@ def inject_step_noise(monkeypatch, scheduler, noise):
 
     monkeypatch.setattr(scheduler, "step", wrapped)
     monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda shape, **kw: noise[step["i"]])
-
-
-class GaussLegendre:
-    """scipy.integrate stand-in (scipy is not a dependency): 8-point Gauss-Legendre, exact for the
-    polynomials of degree <= 3 that LMSDiscreteScheduler integrates."""
-
-    nodes, weights = np.polynomial.legendre.leggauss(8)
-
-    @classmethod
-    def quad(cls, f, a, b, epsrel=None):
-        mid, half = (a + b) / 2, (b - a) / 2
-        return half * sum(w * f(mid + half * x) for x, w in zip(cls.nodes, cls.weights, strict=True)), 0.0
-
-
-@pytest.fixture
-def lms_quad(monkeypatch):
-    try:
-        import scipy.integrate  # noqa: F401
-    except ImportError:
-        monkeypatch.setattr(scheduling_lms_discrete, "integrate", GaussLegendre, raising=False)
 
 
 def build(tmp_path_factory, name, make):
@@ -159,7 +139,7 @@ def test_txt2img_plms_and_ddpm_match_diffusers(t2i, monkeypatch, sampler, scale)
 
 @torch.no_grad()
 @pytest.mark.parametrize("spacing", ["leading", "linspace"])
-def test_txt2img_lms_matches_a_correct_diffusers_loop(t2i, lms_quad, spacing):
+def test_txt2img_lms_matches_a_correct_diffusers_loop(t2i, lms_reference, spacing):
     """LDMTextToImagePipeline never applies init_noise_sigma / scale_model_input, so LMS through it is
     wrong: compare with LMSDiscreteScheduler used as its docs say, and show that the pipeline differs.
     Timestep spacing: ldm_mini uses the file's (here "leading", recorded from the DDIM config) for every

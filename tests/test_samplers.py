@@ -5,7 +5,6 @@ container that samplers use (predict_noise, alphas_cumprod, schedule). Every ste
 final one are compared in float32 with assert_close(rtol=0, atol=1e-5).
 """
 
-import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
@@ -333,29 +332,6 @@ def test_plms_eps_is_adams_bashforth():
 
 
 # --- LMS ------------------------------------------------------------------------------------------
-class GaussLegendre:
-    """Stand-in for scipy.integrate when scipy is absent: 8-point Gauss-Legendre quadrature, exact for
-    polynomials up to degree 15 (LMS integrates Lagrange polynomials of degree <= 3), as quad is."""
-
-    nodes, weights = np.polynomial.legendre.leggauss(8)
-
-    @classmethod
-    def quad(cls, f, a, b, epsrel=None):
-        a, b = float(a), float(b)
-        mid, half = (a + b) / 2, (b - a) / 2
-        return half * sum(
-            float(w) * float(f(mid + half * x)) for x, w in zip(cls.nodes, cls.weights, strict=True)
-        ), 0.0
-
-
-@pytest.fixture
-def lms_reference(monkeypatch):
-    try:
-        import scipy.integrate  # noqa: F401  (the real reference when installed)
-    except ImportError:
-        monkeypatch.setattr(scheduling_lms_discrete, "integrate", GaussLegendre, raising=False)
-
-
 @pytest.mark.parametrize("spacing, offset", [("linspace", 0), ("leading", 1), ("trailing", 0)])
 @pytest.mark.parametrize("num_steps, order, scale", [(1, 4, 5.0), (7, 4, 1.0), (7, 2, 5.0), (30, 4, 5.0)])
 def test_lms_matches_diffusers(lms_reference, spacing, offset, num_steps, order, scale):
