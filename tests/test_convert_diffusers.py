@@ -210,3 +210,49 @@ def test_load_names_a_wrong_key(unconditional, tmp_path):
     save_file(state, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match=r"unet\.conv_out\.bias.*unet\.extra\.weight.*unet\.conv_in\.weight"):
         ldm_mini.load(tmp_path / "bad.safetensors")
+
+
+# --- the published configs at full size, without weights ---------------------------------------------
+REAL = Path(__file__).parent / "realconfigs"
+HUB_FOLDERS = ["ldm-text2im-large-256", "ldm-celebahq-256", "ldm-super-resolution-4x-openimages"]
+
+
+@pytest.mark.parametrize("name", HUB_FOLDERS)
+def test_published_configs_map_every_key_at_full_size(name):
+    """The converter's reading of each published config.json builds (on the meta device, no memory) a
+    model with exactly the keys and shapes of the diffusers model of that config, after the key tables."""
+    import diffusers
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
+
+    from ldm_mini.loading import build_empty, make_metadata
+    from weights_tools import diffusers_format as fmt
+
+    folder = REAL / name
+    unet_c, vae_c = (fmt.read_json(folder / c / "config.json") for c in ("unet", "vqvae"))
+    kind = fmt.PIPELINES[fmt.read_json(folder / "model_index.json")["_class_name"]]
+    bert_c = fmt.read_json(folder / "bert" / "config.json") if kind == "txt2img" else None
+    text = fmt.bert_config(bert_c, name) if bert_c else None
+    meta = make_metadata(
+        kind=kind,
+        unet=fmt.unet_config(unet_c, name),
+        autoencoder=fmt.autoencoder_config(vae_c, name),
+        schedule=fmt.schedule_config(fmt.read_json(folder / "scheduler" / "scheduler_config.json"), name),
+        scale_factor=fmt.scale_factor_of(vae_c, kind),
+        text_encoder=text,
+    )
+    ours = {k: tuple(v.shape) for k, v in build_empty(meta).state_dict().items()}
+    with torch.device("meta"):
+        refs = {
+            "unet": getattr(diffusers, unet_c["_class_name"]).from_config(unet_c),
+            "autoencoder": getattr(diffusers, vae_c["_class_name"]).from_config(vae_c),
+        }
+        if kind == "txt2img":
+            refs["text_encoder"] = LDMBertModel(LDMBertConfig(**bert_c))
+    want = {}
+    for prefix, ref in refs.items():
+        table = fmt.LDMBERT if prefix == "text_encoder" else fmt.LEGACY_ATTENTION
+        want.update({f"{prefix}.{k}": tuple(v.shape) for k, v in fmt.rename(ref.state_dict(), table).items()})
+    assert sorted(ours.keys() - want.keys()) == [] and sorted(want.keys() - ours.keys()) == []
+    assert ours == want
+    expected_scale = {"txt2img": 0.18215, "unconditional": 1.0, "superres": 1.0}[kind]
+    assert float(meta["scale_factor"]) == expected_scale
