@@ -1,0 +1,343 @@
+"""The command line: `python -m ldm_mini COMMAND ...`, or `ldm-mini COMMAND ...` once installed.
+
+    ldm-mini txt2img "a red circle above a blue square" -n 4          the embedded shapes model
+    ldm-mini txt2img "a painting of a squirrel eating a burger" \\
+        --weights CompVis/ldm-text2im-large-256 --guidance 6 --eta 0.3  the model card's settings
+    ldm-mini sample --weights CompVis/ldm-celebahq-256 --steps 200
+    ldm-mini upscale small.png --weights CompVis/ldm-super-resolution-4x-openimages --eta 1
+    ldm-mini info celebahq.safetensors
+    ldm-mini verify celebahq.safetensors                               ldm_mini vs diffusers, stage by stage
+
+--weights takes a converted .safetensors file, an embedded model's name ("shapes", the default) or a hub
+id, which is downloaded and converted once (weights_tools.download) into the cache folder
+($LDM_MINI_CACHE, else $XDG_CACHE_HOME/ldm_mini, else ~/.cache/ldm_mini).
+
+A setting not given on the command line comes from the file's optional "recommended" metadata (JSON, e.g.
+{"steps": 20, "guidance": 4.0}), else from the pipeline's default (pipeline.py); the image size defaults to
+the size the model was trained at. Image i of -n N uses seed + i, so each PNG can be remade on its own: its
+text chunks record the prompt, seed, steps, sampler, guidance, eta and weights.
+
+Exit codes: 0 done; 1 a failure while running (verify: a stage failed); 2 a bad argument (argparse's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import re
+import secrets
+import sys
+from pathlib import Path
+
+import torch
+
+from . import pipeline
+from .loading import DTYPES, EMBEDDED, build_empty, load, read_metadata, resolve
+from .verify import DEFAULT_PROMPT
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as on huggingface.co
+KINDS = {"txt2img": "txt2img", "sample": "unconditional", "upscale": "superres"}  # command -> model kind
+PIPELINES = {"txt2img": pipeline.txt2img, "sample": pipeline.unconditional, "upscale": pipeline.superres}
+# the command-line name of each pipeline argument that a file's "recommended" metadata may set
+SETTINGS = {"steps": "num_inference_steps", "guidance": "guidance_scale", "eta": "eta", "sampler": "sampler"}
+EXAMPLES = {
+    "txt2img": 'ldm-mini txt2img "a red circle above a blue square" -n 2 --steps 20 --guidance 4 --seed 0',
+    "sample": "ldm-mini sample --weights CompVis/ldm-celebahq-256 --steps 200 -n 4",
+    "upscale": "ldm-mini upscale small.png --weights CompVis/ldm-super-resolution-4x-openimages --eta 1",
+    "info": "ldm-mini info celebahq.safetensors",
+    "verify": "ldm-mini verify text2im.safetensors --steps 5\n"
+    "  ldm-mini verify text2im.safetensors --reference ./ldm-text2im-large-256  (checks the conversion too)",
+}
+
+
+# --- where the weights come from --------------------------------------------------------------------
+def cache_dir() -> Path:
+    if os.environ.get("LDM_MINI_CACHE"):
+        return Path(os.environ["LDM_MINI_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ldm_mini"
+
+
+def from_hub(repo_id: str) -> Path:
+    """A hub pipeline, downloaded and converted into the cache the first time; the cached file after."""
+    out = cache_dir() / (repo_id.replace("/", "--") + ".safetensors")
+    if not out.exists():
+        from weights_tools.download import download
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        print(f"downloading and converting {repo_id} once, into {out}", file=sys.stderr)
+        download(repo_id, out)
+    return out
+
+
+def weights_path(spec: str | None, parser: argparse.ArgumentParser) -> Path:
+    """--weights / FILE -> a converted file: an embedded name, an existing path, or a hub id."""
+    if spec is None or spec in EMBEDDED or Path(spec).exists():
+        try:
+            return resolve(spec)
+        except (FileNotFoundError, IsADirectoryError) as e:
+            parser.error(f"{e}. Give a converted .safetensors file or a hub id such as "
+                         "CompVis/ldm-text2im-large-256")  # fmt: skip
+    if HUB_ID.match(spec) and not spec.endswith(".safetensors"):
+        try:
+            return from_hub(spec)
+        except (ValueError, OSError) as e:  # weights_tools' ConversionError is a ValueError
+            raise SystemExit(f"error: {e}") from e  # exit 1: a failed download is not a bad argument
+    parser.error(f"no weight file {spec!r}: give a converted .safetensors file, an embedded model "
+                 f"({', '.join(EMBEDDED)}) or a hub id (owner/name)")  # fmt: skip
+
+
+def pick_device(name: str, parser: argparse.ArgumentParser) -> torch.device:
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
+        parser.error(f"--device {name}: no {name.upper()} device is available here; use --device cpu")
+    return torch.device(name)
+
+
+# --- settings and output files ----------------------------------------------------------------------
+def pipeline_default(fn, name: str):
+    return inspect.signature(fn).parameters[name].default
+
+
+def settings(args, fn, meta: dict[str, str]) -> dict:
+    """Each setting the pipeline takes: from the command line, else the file's "recommended", else the
+    pipeline's default."""
+    try:
+        recommended = json.loads(meta.get("recommended") or "{}")
+    except json.JSONDecodeError as e:
+        print(f"warning: the file's recommended settings are not JSON ({e}); ignoring them", file=sys.stderr)
+        recommended = {}
+    params, out = inspect.signature(fn).parameters, {}
+    for key, name in SETTINGS.items():
+        if name in params:  # e.g. only txt2img takes guidance_scale
+            given = getattr(args, key)
+            out[key] = given if given is not None else recommended.get(key, params[name].default)
+    return out
+
+
+def slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "image"
+
+
+def output_paths(out: str, stem: str, seeds: list[int], force: bool, parser) -> list[Path]:
+    """--out: a .png file (with -n N: name-0.png ... name-{N-1}.png) or a folder (stem-SEED.png in it)."""
+    target = Path(out)
+    if target.suffix.lower() == ".png":
+        many = [target.with_name(f"{target.stem}-{i}.png") for i in range(len(seeds))]
+        paths = [target] if len(seeds) == 1 else many
+    elif target.suffix and not target.is_dir():
+        parser.error(f"--out {out}: give a folder or a .png file (PNG keeps the settings in a text chunk)")
+    else:
+        paths = [target / f"{stem}-{s}.png" for s in seeds]
+    if not force and (taken := [str(p) for p in paths if p.exists()]):
+        verb = "exists" if len(taken) == 1 else "exist"
+        parser.error(f"{', '.join(taken)} already {verb}: pass --force to overwrite, or choose another --out")
+    return paths
+
+
+def save_png(image, path: Path, fields: dict) -> None:
+    """Write the PNG with one text chunk per setting (read back with PIL: Image.open(path).text)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in fields.items():
+        info.add_text(key, str(value))  # tEXt, or iTXt when the value is not latin-1 (a unicode prompt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, pnginfo=info)
+
+
+# --- txt2img, sample, upscale -----------------------------------------------------------------------
+def prepare(args, parser) -> tuple[Path, object, dict, dict, list[Path], list[int]]:
+    """Every check before any weight is read.
+
+    -> (file, the pipeline's first argument (prompt, batch size 1 or image), its other arguments,
+    the PNG text fields, the output paths, the seeds)."""
+    kind, fn = KINDS[args.command], PIPELINES[args.command]
+    if args.num_images < 1:
+        parser.error(f"-n/--num-images must be >= 1, got {args.num_images}")
+    path = weights_path(args.weights, parser)
+    try:
+        meta = read_metadata(path)
+        m = build_empty(meta)  # the model on the meta device: its kind and sizes, no weight read
+    except ValueError as e:
+        parser.error(str(e))
+    if m.kind != kind:
+        use = {v: k for k, v in KINDS.items()}[m.kind]
+        parser.error(f"{path.name} holds a model of kind {m.kind!r}, not {kind!r}: use `ldm-mini {use}`")
+    s = settings(args, fn, meta)
+    T = m.schedule.num_train_timesteps
+    if not 1 <= s["steps"] <= T:
+        parser.error(f"--steps must be from 1 to {T} (the training timesteps), got {s['steps']}")
+    if s["eta"] < 0:
+        parser.error(f"--eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like), got {s['eta']}")
+    if s["eta"] != 0 and s["sampler"] != "ddim":
+        parser.error(f"--eta {s['eta']} needs --sampler ddim (the other samplers take no eta)")
+    call = {SETTINGS[k]: v for k, v in s.items()}
+    fields = dict(model=kind, weights=args.weights or "shapes", **s)  # PNG text chunks (+ seed, size)
+
+    if kind == "txt2img":
+        if m.tokenizer is None:
+            parser.error(f"{path.name} has no tokenizer (it takes token ids): use the Python API")
+        first, fields["prompt"], stem = args.prompt, args.prompt, slug(args.prompt)
+    if kind == "superres":
+        from PIL import Image
+
+        try:
+            first = Image.open(args.image).convert("RGB")
+        except (OSError, ValueError) as e:
+            parser.error(f"cannot read the image {args.image}: {e}")
+        if min(first.size) < 32:
+            parser.error(f"{args.image} is {first.size[0]}x{first.size[1]}: the input must be at least 32x32")
+        fields["image"], stem = args.image, f"{slug(Path(args.image).stem)}-x{m.downsample_factor}"
+    else:
+        f, native = m.downsample_factor, m.unet.config.image_size * m.downsample_factor
+        h, w = args.height or native, args.width or native
+        if h < f or w < f or h % f or w % f:
+            parser.error(f"--height/--width must be positive multiples of {f} (the autoencoder factor), "
+                         f"got {h}x{w}")  # fmt: skip
+        call.update(height=h, width=w)
+        if kind == "unconditional":
+            first, stem = 1, "sample"  # batch size 1: one pipeline call per seed
+
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    seeds = [seed + i for i in range(args.num_images)]
+    return path, first, call, fields, output_paths(args.out, stem, seeds, args.force, parser), seeds
+
+
+def run_sampling(args, parser) -> int:
+    path, first, call, fields, outputs, seeds = prepare(args, parser)
+    device = pick_device(args.device, parser)
+    m = load(path, device=device, dtype=args.dtype)
+    fn = PIPELINES[args.command]
+    for i, (seed, out) in enumerate(zip(seeds, outputs, strict=True)):
+        if len(seeds) > 1:
+            print(f"image {i + 1}/{len(seeds)}, seed {seed}", file=sys.stderr)
+        generator = torch.Generator().manual_seed(seed)  # on the CPU: the same image on every device
+        try:  # the pipelines check their arguments before computing anything
+            image = fn(m, first, generator=generator, **call)[0]  # tqdm bar over the steps
+        except ValueError as e:
+            parser.error(str(e))
+        size = f"{image.size[0]}x{image.size[1]}"
+        save_png(image, out, {**fields, "seed": seed, "size": size, "software": "ldm_mini"})
+        print(f"wrote {out} ({size}, seed {seed})")
+    return 0
+
+
+# --- info, verify -----------------------------------------------------------------------------------
+def run_info(args, parser) -> int:
+    from weights_tools.inspect import summary  # reads the header only
+
+    path = weights_path(args.file, parser)
+    try:
+        print(summary(path))
+        if recommended := read_metadata(path).get("recommended"):
+            print(f"{'recommended':13} {recommended}")
+    except ValueError as e:
+        parser.error(str(e))
+    return 0
+
+
+def run_verify(args, parser) -> int:
+    from .verify import verify
+
+    path = weights_path(args.file, parser)
+    device = pick_device(args.device, parser)
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    ref = args.reference
+    if ref is not None and not Path(ref).is_dir() and not HUB_ID.match(ref):
+        parser.error(f"--reference {ref}: give a diffusers pipeline folder or a hub id (owner/name)")
+    try:
+        stages = verify(path, reference=ref, device=str(device), steps=args.steps, seed=args.seed,
+                        size=args.size, prompt=args.prompt, guidance=args.guidance)  # fmt: skip
+    except RuntimeError as e:  # diffusers is not installed
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        parser.error(str(e))
+    return 0 if all(s.passed for s in stages) else 1
+
+
+# --- the parser -------------------------------------------------------------------------------------
+def add_sampling_options(p: argparse.ArgumentParser, command: str) -> None:
+    fn = PIPELINES[command]
+    p.add_argument("--weights", help="converted .safetensors file, embedded name or hub id (default: shapes)")
+    default = pipeline_default(fn, "num_inference_steps")
+    p.add_argument(
+        "--steps", type=int, help=f"sampling steps (default: the file's recommended, else {default})"
+    )
+    if command == "txt2img":
+        default = pipeline_default(fn, "guidance_scale")
+        p.add_argument(
+            "--guidance", type=float, help=f"classifier-free guidance scale, 1: none (default {default})"
+        )
+    p.add_argument("--eta", type=float, help="DDIM eta: 0 deterministic (default), 1 DDPM-like")
+    p.add_argument("--sampler", choices=tuple(pipeline.SAMPLERS), help="default ddim")
+    p.add_argument(
+        "--seed", type=int, help="seed of the first image; image i uses seed + i (default: random)"
+    )
+    p.add_argument("-n", "--num-images", type=int, default=1, help="how many images (default 1)")
+    if command != "upscale":
+        p.add_argument("--height", type=int, help="in pixels (default: the size the model was trained at)")
+        p.add_argument("--width", type=int, help="in pixels (default: the size the model was trained at)")
+    p.add_argument("--out", default="outputs", help="a folder (default outputs/) or a .png file")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="default auto")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="cast the weights (default: as stored)")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ldm-mini",
+        description="Latent Diffusion Models from scratch: sample, upscale, inspect and verify weights.",
+        epilog=f"example: {EXAMPLES['txt2img']}",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text, description=text, epilog=f"example:\n  {EXAMPLES[name]}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+        p.set_defaults(parser=p)  # errors name the command: "ldm-mini txt2img: error: ..."
+        return p
+
+    p = command("txt2img", "Generate images from a text prompt.")
+    p.add_argument("prompt", help="the text prompt")
+    add_sampling_options(p, "txt2img")
+    p = command("sample", "Generate unconditional samples (e.g. ldm-celebahq-256).")
+    add_sampling_options(p, "sample")
+    p = command("upscale", "Super-resolution of an image (ldm-super-resolution-4x-openimages: 4x).")
+    p.add_argument("image", help="the low-resolution image (cut down to a multiple of 32 pixels)")
+    add_sampling_options(p, "upscale")
+
+    p = command("info", "Show what a weight file holds: kind, configs, parameters, dtype, size.")
+    p.add_argument("file", help="converted .safetensors file, embedded name or hub id")
+    p = command("verify", "Compare ldm_mini with diffusers on the same weights, stage by stage.")
+    p.add_argument("file", help="converted .safetensors file, embedded name or hub id")
+    p.add_argument("--reference", help="the diffusers folder or hub id the file was converted from "
+                   "(default: diffusers models built from the file itself)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=5, help="DDIM steps of the full sample (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="default 0")
+    p.add_argument(
+        "--size", type=int, help="image side in pixels; upscale: the input's (default: the model's)"
+    )
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"txt2img prompt (default {DEFAULT_PROMPT!r})")
+    p.add_argument("--guidance", type=float, default=3.0, help="txt2img guidance scale (default 3)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="default auto")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.error("choose a command: txt2img, sample, upscale, info or verify (see --help)")
+    if args.command in KINDS:
+        return run_sampling(args, args.parser)
+    return {"info": run_info, "verify": run_verify}[args.command](args, args.parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

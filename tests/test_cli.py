@@ -1,0 +1,309 @@
+"""The command line (`python -m ldm_mini` / `ldm-mini`) and `verify`, on tiny converted models.
+
+Commands run in-process through main(argv); one run goes through a subprocess (`python -m ldm_mini`).
+Every command must write what it says (PNG present, text chunk with the settings, path printed); bad
+arguments exit with code 2 and a message naming the problem; outputs are never overwritten without
+--force. `verify` must pass on a converted model and fail, naming the stage, when one weight of the file
+differs from the original the file was converted from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import randomize_, save_pipeline, tiny_superres, tiny_txt2img, tiny_unconditional
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import ldm_mini
+from ldm_mini.__main__ import main
+from ldm_mini.loading import EMBEDDED
+from ldm_mini.unet import UNet, UNetConfig
+from ldm_mini.verify import SAMPLE_ATOL, STAGE_ATOL, autoencoder_kwargs, unet_kwargs
+from weights_tools.convert import convert
+from weights_tools.diffusers_format import autoencoder_config, unet_config
+
+ROOT = Path(__file__).resolve().parents[1]
+REALCONFIGS = Path(__file__).parent / "realconfigs"
+PROMPT = "a red circle above a blue square"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """kind -> (diffusers folder, converted file). txt2img: KL f4 (32 px -> 8x8 latent); the others VQ f2."""
+    tmp = tmp_path_factory.mktemp("cli")
+    out = {}
+    for kind, make in (("txt2img", lambda: tiny_txt2img(tmp)), ("unconditional", tiny_unconditional),
+                       ("superres", tiny_superres)):  # fmt: skip
+        folder = save_pipeline(make(), tmp / kind)
+        out[kind] = (folder, convert(folder, tmp / f"{kind}.safetensors"))
+    return out
+
+
+def written(stdout: str) -> list[Path]:
+    """The paths the command says it wrote ("wrote PATH (WxH, seed S)")."""
+    return [Path(p) for p in re.findall(r"^wrote (.+?) \(", stdout, flags=re.M)]
+
+
+def exit_code(argv) -> int:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return e.value.code
+
+
+def test_txt2img_writes_pngs_with_settings(tiny, tmp_path, capsys):
+    file = tiny["txt2img"][1]
+    argv = ["txt2img", PROMPT, "--weights", str(file), "--steps", "2", "-n", "2", "--seed", "7"]
+    argv += ["--guidance", "2", "--height", "32", "--width", "32", "--out", str(tmp_path), "--device", "cpu"]
+    assert main(argv) == 0
+    paths = written(capsys.readouterr().out)
+    assert len(paths) == 2 and all(p.parent == tmp_path and p.is_file() for p in paths)
+    texts = [Image.open(p).text for p in paths]
+    for text, seed in zip(texts, (7, 8), strict=True):
+        assert text["prompt"] == PROMPT and text["seed"] == str(seed) and text["steps"] == "2"
+        assert text["sampler"] == "ddim" and text["guidance"] == "2.0" and text["weights"] == str(file)
+    # image i uses seed + i: the second PNG is exactly the library's image for seed 8
+    m = ldm_mini.load(file)
+    ref = ldm_mini.txt2img(m, PROMPT, num_inference_steps=2, guidance_scale=2.0, height=32, width=32,
+                           generator=torch.Generator().manual_seed(8), progress=False)[0]  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(paths[1])), np.asarray(ref))
+
+
+def test_txt2img_uses_the_embedded_model_by_default(tmp_path, capsys):
+    """No --weights: the embedded shapes model; until it is trained and shipped, a clear error (exit 2)."""
+    argv = ["txt2img", PROMPT, "--steps", "2", "--seed", "0", "--out", str(tmp_path), "--device", "cpu"]
+    if not EMBEDDED["shapes"].exists():
+        assert exit_code(argv) == 2
+        assert "the embedded model 'shapes' is missing" in capsys.readouterr().err
+        return
+    assert main(argv) == 0
+    (path,) = written(capsys.readouterr().out)
+    assert path.is_file() and Image.open(path).text["weights"] == "shapes"
+
+
+def test_sample_and_upscale(tiny, tmp_path, capsys):
+    out = tmp_path / "face.png"
+    argv = [
+        "sample",
+        "--weights",
+        str(tiny["unconditional"][1]),
+        "--steps",
+        "2",
+        "--seed",
+        "1",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    assert written(capsys.readouterr().out) == [out] and Image.open(out).size == (
+        16,
+        16,
+    )  # image_size 8 x f 2
+    assert Image.open(out).text["model"] == "unconditional"
+
+    low = tmp_path / "low.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(low)
+    argv = ["upscale", str(low), "--weights", str(tiny["superres"][1]), "--steps", "2", "--seed", "3",
+            "--eta", "1", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    (path,) = written(capsys.readouterr().out)
+    assert path == tmp_path / "low-x2-3.png"
+    # the pipeline cuts the input down to multiples of 32 (32x32), the VQ f2 decoder doubles it
+    assert Image.open(path).size == (64, 64) and Image.open(path).text["image"] == str(low)
+
+
+def with_metadata(file: Path, out: Path, tensors=None, **extra) -> Path:
+    """A copy of a weight file with extra metadata (and other tensors, when given)."""
+    with safe_open(str(file), "pt") as f:
+        meta = f.metadata()
+    save_file(tensors if tensors is not None else load_file(str(file)), str(out), metadata={**meta, **extra})
+    return out
+
+
+def test_settings_come_from_the_flags_then_the_file_then_the_pipeline(tiny, tmp_path, capsys):
+    file = with_metadata(tiny["txt2img"][1], tmp_path / "rec.safetensors",
+                         recommended='{"steps": 1, "guidance": 2.5, "sampler": "plms"}')  # fmt: skip
+    common = ["--weights", str(file), "--height", "16", "--width", "16", "--seed", "0"]
+    assert main(["txt2img", "x", *common, "--out", str(tmp_path / "a.png")]) == 0
+    assert main(["txt2img", "x", *common, "--steps", "2", "--out", str(tmp_path / "b.png")]) == 0
+    a, b = (Image.open(tmp_path / n).text for n in ("a.png", "b.png"))
+    assert (a["steps"], a["guidance"], a["sampler"], a["eta"]) == ("1", "2.5", "plms", "0.0")  # eta: default
+    assert (b["steps"], b["guidance"], b["sampler"]) == ("2", "2.5", "plms")
+    assert main(["info", str(file)]) == 0 and '"guidance": 2.5' in capsys.readouterr().out
+
+
+def test_info(tiny, capsys):
+    assert main(["info", str(tiny["txt2img"][1])]) == 0
+    out = capsys.readouterr().out
+    assert "kind          txt2img" in out and "M parameters" in out and "F32" in out and "MiB" in out
+
+
+def test_hub_id_is_converted_once_into_the_cache(tiny, tmp_path, monkeypatch, capsys):
+    import weights_tools.download
+
+    calls = []
+
+    def fake_download(repo_id, out):  # no network here: "download" = copy the tiny converted file
+        calls.append(repo_id)
+        Path(out).write_bytes(tiny["txt2img"][1].read_bytes())
+        return Path(out)
+
+    monkeypatch.setenv("LDM_MINI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(weights_tools.download, "download", fake_download)
+    for _ in range(2):
+        assert main(["info", "CompVis/ldm-text2im-large-256"]) == 0
+    assert calls == ["CompVis/ldm-text2im-large-256"]
+    assert (tmp_path / "cache" / "CompVis--ldm-text2im-large-256.safetensors").is_file()
+    assert "kind          txt2img" in capsys.readouterr().out
+
+
+BAD = [  # (argv with {t} {u} {s} for the tiny files, message expected on stderr)
+    ([], "choose a command"),
+    (["txt2img", "x", "--weights", "missing.safetensors"], "no weight file"),
+    (["txt2img", "x", "--weights", "{u}"], "use `ldm-mini sample`"),
+    (["sample", "--weights", "{t}"], "use `ldm-mini txt2img`"),
+    (["txt2img", "x", "--weights", "{t}", "--steps", "0"], "--steps must be from 1 to 1000"),
+    (["txt2img", "x", "--weights", "{t}", "--steps", "two"], "invalid int value"),
+    (["txt2img", "x", "--weights", "{t}", "--eta", "0.5", "--sampler", "plms"], "needs --sampler ddim"),
+    (["txt2img", "x", "--weights", "{t}", "--eta", "-1"], "--eta must be >= 0"),
+    (["txt2img", "x", "--weights", "{t}", "--sampler", "euler"], "invalid choice"),
+    (["txt2img", "x", "--weights", "{t}", "--height", "30"], "multiples of 4"),
+    (["txt2img", "x", "--weights", "{t}", "-n", "0"], "-n/--num-images must be >= 1"),
+    (["sample", "--weights", "{u}", "--out", "x.jpg"], "a folder or a .png file"),
+    (["upscale", "missing.png", "--weights", "{s}"], "cannot read the image"),
+    (["info", "missing.safetensors"], "no weight file"),
+    (["verify", "{t}", "--reference", "not-a-folder"], "diffusers pipeline folder or a hub id"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(a)[:40] or "none" for a, _ in BAD])
+def test_bad_arguments_exit_2_with_a_clear_message(tiny, argv, message, capsys):
+    names = {"t": tiny["txt2img"][1], "u": tiny["unconditional"][1], "s": tiny["superres"][1]}
+    assert exit_code([a.format(**names) for a in argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_existing_output_is_kept_without_force(tiny, tmp_path, capsys):
+    out = tmp_path / "taken.png"
+    out.write_bytes(b"mine")
+    argv = ["sample", "--weights", str(tiny["unconditional"][1]), "--steps", "1", "--out", str(out)]
+    assert exit_code(argv) == 2
+    assert "taken.png already exists: pass --force" in capsys.readouterr().err
+    assert out.read_bytes() == b"mine"
+    assert main([*argv, "--force"]) == 0 and Image.open(out).size == (16, 16)
+
+
+@pytest.mark.parametrize("command", ["txt2img", "sample", "upscale", "info", "verify"])
+def test_every_help_has_an_example(command, capsys):
+    assert exit_code([command, "--help"]) == 0
+    assert "example:\n  ldm-mini " + command in capsys.readouterr().out
+
+
+def stages(stdout: str) -> dict[str, str]:
+    """verify's table -> {stage: "pass" | "FAIL"}."""
+    rows = re.findall(r"^(tokenizer|text encoder|unet step|decoder|sample) .*?  (pass|FAIL)", stdout, re.M)
+    return dict(rows)
+
+
+@pytest.mark.parametrize("kind, size", [("txt2img", 32), ("unconditional", 16), ("superres", 16)])
+def test_verify_passes_on_a_converted_model(tiny, kind, size, capsys):
+    argv = ["verify", str(tiny[kind][1]), "--size", str(size), "--steps", "3", "--device", "cpu"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    print(out)  # pytest -s shows the table
+    names = ["unet step", "decoder", "sample"]
+    names = ["tokenizer", "text encoder", *names] if kind == "txt2img" else names
+    assert stages(out) == dict.fromkeys(names, "pass")
+    assert f"{STAGE_ATOL:.0e}" in out and f"{SAMPLE_ATOL:.0e}" in out and "all stages pass" in out
+
+
+def test_verify_passes_with_heads_of_fixed_size_and_cross_attention(tiny, tmp_path, capsys):
+    """The embedded shapes model's pattern: num_head_channels with cross-attention, i.e. a different head
+    COUNT per level, which diffusers' UNet2DConditionModel takes as a per-level attention_head_dim tuple."""
+    m = ldm_mini.load(tiny["txt2img"][1])
+    cfg = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
+                     num_heads=None, num_head_channels=16, context_dim=32, norm_num_groups=8)  # fmt: skip
+    m.unet = randomize_(UNet(cfg), seed=3).eval()  # 2 heads at 32 channels, 4 at 64 (and in the mid block)
+    path = ldm_mini.save(m, tmp_path / "heads.safetensors")
+    assert main(["verify", str(path), "--size", "32", "--steps", "2", "--device", "cpu"]) == 0
+    assert stages(capsys.readouterr().out)["unet step"] == "pass"
+
+
+PUBLISHED = ["ldm-text2im-large-256", "ldm-celebahq-256", "ldm-super-resolution-4x-openimages"]
+ARCHITECTURE = ["in_channels", "out_channels", "block_out_channels", "down_block_types", "up_block_types",
+                "layers_per_block", "attention_head_dim", "cross_attention_dim", "norm_num_groups",
+                "sample_size", "latent_channels", "num_vq_embeddings", "vq_embed_dim"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+@pytest.mark.parametrize("part", ["unet", "vqvae"])
+def test_inverse_config_mapping_rebuilds_the_published_models(name, part):
+    """diffusers config.json -> ldm_mini config (weights_tools) -> diffusers kwargs (verify): the same class,
+    architecture fields and parameter shapes as the published config (models built on the meta device)."""
+    import diffusers
+
+    config = json.loads((REALCONFIGS / name / part / "config.json").read_text())
+    if part == "unet":
+        cls, kwargs = unet_kwargs(unet_config(config, name))
+    else:
+        cls, kwargs = autoencoder_kwargs(autoencoder_config(config, name), scale_factor=1.0)
+    assert cls == config["_class_name"]
+    with torch.device("meta"):
+        published = getattr(diffusers, cls).from_config(config)
+        rebuilt = getattr(diffusers, cls)(**kwargs)
+
+    def effective(config, field):
+        value = config.get(field)
+        if field == "vq_embed_dim" and value is None:  # None means latent_channels
+            value = config.get("latent_channels")
+        return tuple(value) if isinstance(value, list) else value
+
+    for field in ARCHITECTURE if part == "unet" else set(ARCHITECTURE) - {"sample_size"}:  # VAE: tiling only
+        assert effective(published.config, field) == effective(rebuilt.config, field), field
+    shapes = [{k: tuple(v.shape) for k, v in model.state_dict().items()} for model in (published, rebuilt)]
+    assert shapes[0] == shapes[1]
+
+
+def test_verify_catches_an_implementation_difference(tiny, monkeypatch, capsys):
+    """Without --reference both sides read the same file: verify then tests ldm_mini's code. A decoder that
+    is off by 0.1% must fail the decoder stage (and leave the others alone)."""
+    decode = ldm_mini.LatentDiffusion.decode
+    monkeypatch.setattr(ldm_mini.LatentDiffusion, "decode", lambda m, z, quantize=True: decode(m, z) * 1.001)
+    argv = ["verify", str(tiny["unconditional"][1]), "--size", "16", "--steps", "2", "--device", "cpu"]
+    assert main(argv) == 1
+    result = stages(capsys.readouterr().out)
+    assert result["decoder"] == "FAIL" and result["unet step"] == "pass"
+
+
+def test_verify_fails_on_a_perturbed_weight_naming_the_stage(tiny, tmp_path, capsys):
+    folder, file = tiny["txt2img"]
+    tensors = load_file(str(file))
+    tensors["unet.conv_out.bias"][0] += 1e-2  # one number of the UNet's last layer
+    bad = with_metadata(file, tmp_path / "perturbed.safetensors", tensors)
+    argv = ["verify", str(bad), "--reference", str(folder), "--size", "32", "--steps", "3", "--device", "cpu"]
+    assert main(argv) == 1  # against the original folder: the UNet differs
+    out = capsys.readouterr().out
+    print(out)
+    result = stages(out)
+    assert result["unet step"] == "FAIL" and result["text encoder"] == "pass" and result["decoder"] == "pass"
+    assert "verify: FAIL (unet step" in out
+
+
+def test_module_entry_point_in_a_subprocess(tiny, tmp_path):
+    out = tmp_path / "one.png"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "ldm_mini", "sample", "--weights", str(tiny["unconditional"][1]), "--steps",
+           "2", "--seed", "0", "--out", str(out), "--device", "cpu"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out} (16x16, seed 0)" in proc.stdout and out.is_file()
+    assert "DDIM" in proc.stderr  # the tqdm bar over the steps
