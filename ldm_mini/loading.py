@@ -15,6 +15,8 @@ train.py for the embedded model):
         scale_factor         the latent scale factor, e.g. "0.18215"
         tokenizer_vocab      the WordPiece vocab.txt (txt2img with a tokenizer)
         source               where the weights came from (free text)
+        recommended          optional JSON of sampler settings the model is meant to be sampled with,
+                             e.g. {"steps": 20, "guidance": 4.0} (the command line's defaults)
 
 Loading builds every module on the meta device (no wasted random init), checks that the file has
 exactly the keys and shapes the model expects, then assigns the file's tensors (mmap'd by
@@ -70,6 +72,7 @@ def make_metadata(
     text_encoder: LDMBertConfig | None = None,
     vocab: str | None = None,
     source: str = "",
+    recommended: dict | None = None,
 ) -> dict[str, str]:
     meta = {
         "format": FORMAT,
@@ -84,6 +87,8 @@ def make_metadata(
         meta["text_encoder_config"] = config_to_json(text_encoder)
     if vocab is not None:
         meta["tokenizer_vocab"] = vocab
+    if recommended:
+        meta["recommended"] = json.dumps(recommended, sort_keys=True)
     return meta
 
 
@@ -111,7 +116,7 @@ def build_empty(meta: dict[str, str]) -> LatentDiffusion:
     )
 
 
-def metadata_of(model: LatentDiffusion, source: str = "") -> dict[str, str]:
+def metadata_of(model: LatentDiffusion, source: str = "", recommended: dict | None = None) -> dict[str, str]:
     """The metadata that describes a live model (used to save a trained model)."""
     return make_metadata(
         kind=model.kind,
@@ -122,6 +127,7 @@ def metadata_of(model: LatentDiffusion, source: str = "") -> dict[str, str]:
         text_encoder=model.text_encoder.config if model.text_encoder is not None else None,
         vocab=model.tokenizer.vocab_text if model.tokenizer is not None else None,
         source=source,
+        recommended=recommended,
     )
 
 
@@ -180,10 +186,11 @@ def save(
     force: bool = False,
     dtype: torch.dtype | None = None,
     source: str = "",
+    recommended: dict | None = None,
 ) -> Path:
     """Save a live model in ldm_mini's format (what load() reads back)."""
     tensors = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return write_file(path, tensors, metadata_of(model, source), force=force, dtype=dtype)
+    return write_file(path, tensors, metadata_of(model, source, recommended), force=force, dtype=dtype)
 
 
 # --- reading ----------------------------------------------------------------------------------------
