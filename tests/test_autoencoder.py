@@ -1,7 +1,6 @@
 """ldm_mini.autoencoder vs diffusers' AutoencoderKL and VQModel: tiny random weights, float32, CPU."""
 
 import json
-import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as RefKL
 from diffusers import VQModel as RefVQ
+from helpers import randomize_
 
 from ldm_mini.autoencoder import (
     KL_F8,
@@ -72,23 +72,6 @@ def diffusers_kwargs(cfg: AutoencoderConfig) -> dict:
     else:
         assert cfg.z_channels == cfg.embed_dim, "diffusers' AutoencoderKL has z_channels == embed_dim"
     return kw
-
-
-def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Overwrite every parameter with seeded random values of a sensible scale (none left at zero/one)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if name.endswith("embedding.weight"):  # VQ codebook: codes of order 1, well separated
-                p.copy_(noise)
-            elif p.ndim == 1 and name.endswith("weight"):  # GroupNorm scale
-                p.copy_(1.0 + 0.2 * noise)
-            elif p.ndim == 1:  # biases
-                p.copy_(0.2 * noise)
-            else:  # conv / linear: unit-variance outputs for unit-variance inputs
-                p.copy_(noise / math.sqrt(p[0].numel()))
-    return module
 
 
 def make_pair(cfg: AutoencoderConfig, seed: int = 0):

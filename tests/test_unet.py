@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from diffusers import UNet2DConditionModel, UNet2DModel
+from helpers import randomize_
 
 from ldm_mini.unet import CELEBAHQ_256, SUPERRES_4X, TEXT2IM_256, Attention, UNet, UNetConfig
 
@@ -61,23 +62,9 @@ def diffusers_unet(cfg: UNetConfig):
     )
 
 
-@torch.no_grad()
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """All parameters random: weights ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.01), biases ~ N(0, 0.01)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        r = torch.randn(p.shape, generator=g)
-        if p.ndim >= 2:
-            p.copy_(r / p[0].numel() ** 0.5)
-        elif "norm" in name and name.endswith("weight"):
-            p.copy_(1 + 0.1 * r)
-        else:
-            p.copy_(0.1 * r)
-
-
 def pair(cfg: UNetConfig, seed: int = 0):
     ref = diffusers_unet(cfg).eval()
-    randomize(ref, seed)
+    randomize_(ref, seed)
     ours = UNet(cfg).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ours, ref
