@@ -1,0 +1,412 @@
+"""Train the embedded "shapes" text-to-image LDM, in two stages as in the paper, on a CPU in under 90 min.
+
+LDM   Rombach et al. 2022, arXiv:2112.10752. Stage 1 (Sec. 3.1): an autoencoder, x -> z = E(x) -> D(z).
+      Stage 2 (Sec. 3.2-3.3): a diffusion model on z, eps-prediction L_LDM = E ||eps - eps_theta(z_t, t,
+      tau_theta(y))||^2 (Eq. 2 with the conditioning of Eq. 3), the text encoder tau_theta trained jointly
+      with the UNet (cond_stage_trainable: true in txt2img-1p4B-eval.yaml).
+DDPM  Ho et al. 2020, arXiv:2006.11239: z_t = sqrt(ab_t) z_0 + sqrt(1 - ab_t) eps (Eq. 4), t uniform.
+CFG   Ho & Salimans 2022, arXiv:2207.12598: the caption is dropped to "" with probability 0.1 (Algorithm 1),
+      so the one network learns eps(z_t, "") too, which classifier-free guidance needs.
+minSNR Hang et al. 2023, arXiv:2303.09556: each sample's eps loss weighted by min(SNR_t, gamma) / SNR_t,
+      gamma = 5 (the min-SNR-gamma weighting written for eps-prediction); it speeds up convergence.
+EMA   the exported UNet and text encoder are an exponential moving average of the trained weights.
+
+Stage 1 here uses an L1 reconstruction loss plus the KL term with LDM's tiny weight (1e-6 relative to the
+summed L1, as CompVis LPIPSWithDiscriminator weighs it); the perceptual (LPIPS) and adversarial losses of the
+paper are left out: flat shapes on a plain background have no texture for them to sharpen.
+The data is the infinite procedural shapes world (shapes.py), "train" split only: the held-out colour+shape
+pairs are never seen, in images or in captions.
+
+    python -m ldm_mini.train autoencoder --out runs/shapes --threads 1    # stage 1: 1800 steps, ~22 min
+    python -m ldm_mini.train diffusion --out runs/shapes --threads 1      # stage 2: 7000 steps, ~63 min
+    python -m ldm_mini.train export runs/shapes ldm_mini/weights/shapes.safetensors --force
+
+(Minutes measured for the shipped model on a 2-core CPU shared with other jobs; one thread per run is faster
+there than two. Other parameters default to the shipped model's.)
+
+Each stage writes into --out: a checkpoint (<stage>.pt, every few minutes and at the end), a loss log
+(<stage>_log.jsonl), sample grids (<stage>_<step>.png). Re-running with --resume continues a cut-off run
+exactly where its checkpoint stopped: weights, optimizer, EMA, step, and the numpy + torch random states.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer as RustTokenizer
+from tokenizers import normalizers, pre_tokenizers
+from tokenizers.models import WordPiece
+from tokenizers.trainers import WordPieceTrainer
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import samplers, shapes
+from .autoencoder import AutoencoderConfig, AutoencoderKL
+from .bert import LDMBert, LDMBertConfig
+from .loading import config_to_json, save
+from .model import LatentDiffusion
+from .schedule import ScheduleConfig, q_sample, snr
+from .tokenizer import SPECIALS, Tokenizer
+from .unet import UNet, UNetConfig
+
+# --- the embedded model (~3M parameters: 12 MB in float32) -------------------------------------------------
+AUTOENCODER = AutoencoderConfig(  # KL, f = 4: 64x64x3 image <-> 16x16x4 latent
+    kind="kl", ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, z_channels=4, embed_dim=4, norm_num_groups=8
+)
+UNET = UNetConfig(  # levels at 16x16 (32 ch), 8x8 (64), 4x4 (64); self + cross-attention at 8x8, 4x4, mid
+    in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+    attention_resolutions=(2, 4), num_heads=None, num_head_channels=32, context_dim=128, norm_num_groups=16,
+    image_size=16,
+)  # fmt: skip
+TEXT_WIDTH, TEXT_LAYERS = 128, 2  # LDMBert: 2 layers of width 128 (4 heads of 32), vocab from the captions
+# Training betas as every LDM (CompVis "linear" = scaled_linear 0.00085..0.012, T = 1000). Sampling: the
+# "trailing" spacing starts at t = 999, the noisiest step, which few-step DDIM needs (Lin et al. 2024,
+# arXiv:2305.08891, Sec. 3.3), and the last step lands on alpha-bar = 1 (set_alpha_to_one).
+SCHEDULE = ScheduleConfig(timestep_spacing="trailing", steps_offset=0, set_alpha_to_one=True)
+# What the command line samples this model with by default (measured: benchmarks/RESULTS.md, guidance sweep)
+RECOMMENDED = {"steps": 20, "guidance": 2.0}
+GRID_PROMPTS = [
+    "a red circle above a blue square",
+    "a green triangle on the left",
+    "a large yellow circle",
+    "a small purple cross to the right of an orange square",
+    "a black square below a red triangle",
+    "a blue circle, a yellow cross and a green square from left to right",
+    "a red cross",  # held out: never seen in training
+    "a blue triangle at the bottom",  # held out
+]
+
+
+# --- small helpers ---------------------------------------------------------------------------------------
+def train_tokenizer(num_captions: int = 5000, seed: int = 0) -> Tokenizer:
+    """A BERT-style WordPiece vocabulary learnt from the caption language (Wu et al. 2016, Sec. 4.1).
+
+    Specials first, as in bert-base-uncased's order ([PAD] = 0, [UNK], [CLS], [SEP], [MASK]), then the
+    characters and merged pieces; with ~30 words in the grammar every word ends up a single piece."""
+    backend = RustTokenizer(WordPiece(unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    rng = np.random.default_rng(seed)
+    captions = [shapes.random_scene(rng).caption for _ in range(num_captions)]
+    captions.append(" ".join(shapes.caption_vocabulary()))  # every word at least once
+    backend.train_from_iterator(captions, WordPieceTrainer(vocab_size=200, special_tokens=list(SPECIALS)))
+    # The trainer breaks ties between merges, and numbers pieces, in a hash order that changes from run to
+    # run. Keep what is stable, sorted: the alphabet (c, ##c) and the whole words; drop the intermediate
+    # merges ("##ang"), which no caption word needs once every word is a piece of its own.
+    words = set(shapes.caption_vocabulary())
+    pieces = sorted(t for t in backend.get_vocab() if len(t.removeprefix("##")) == 1 or t in words)
+    tokenizer = Tokenizer.from_vocab("".join(t + "\n" for t in [*SPECIALS, *pieces]))
+    if missing := [w for w in sorted(words) if tokenizer.pieces(w) != [w]]:
+        raise RuntimeError(f"the WordPiece trainer did not learn the words {missing}: give it more captions")
+    return tokenizer
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int, decay: bool = True) -> float:
+    """Linear warm-up, then a cosine decay to lr / 10 at the last step (or constant: decay=False)."""
+    if step < warmup or not decay:
+        return lr * min(1.0, (step + 1) / warmup)
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, step: int, decay: float) -> None:
+    """ema <- d * ema + (1 - d) * model, with d warmed up as (1 + step) / (10 + step) (as CompVis LitEma)."""
+    d = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+        e.lerp_(p, 1 - d)
+
+
+def save_grid(images: Tensor, path: Path, nrow: int) -> None:
+    """(N, 3, H, W) in [-1, 1] -> one PNG, nrow images per row."""
+    n, _, h, w = images.shape
+    rows = math.ceil(n / nrow)
+    grid = torch.ones(3, rows * h, nrow * w)
+    for i, im in enumerate(images.clamp(-1, 1)):
+        r, c = divmod(i, nrow)
+        grid[:, r * h : (r + 1) * h, c * w : (c + 1) * w] = im
+    array = ((grid + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()  # (rows*H, nrow*W, 3)
+    PIL.Image.fromarray(array).save(path)
+
+
+class Run:
+    """One stage's folder: checkpoint, JSONL loss log and PNG grids, all under --out."""
+
+    def __init__(self, out: str | os.PathLike, stage: str):
+        self.dir, self.stage = Path(out), stage
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt = self.dir / f"{stage}.pt"
+
+    def log(self, record: dict) -> None:
+        with open(self.dir / f"{self.stage}_log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def save(self, state: dict) -> None:
+        tmp = self.ckpt.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.ckpt)  # a run killed while saving keeps its previous checkpoint
+
+    def load(self) -> dict:
+        if not self.ckpt.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint {self.ckpt}; run without --resume to start")
+        return torch.load(self.ckpt, map_location="cpu", weights_only=True)
+
+
+def rng_state(rng: np.random.Generator, gen: torch.Generator) -> dict:
+    return {"numpy": json.dumps(rng.bit_generator.state), "torch": gen.get_state()}
+
+
+def set_rng_state(rng: np.random.Generator, gen: torch.Generator, state: dict) -> None:
+    rng.bit_generator.state = json.loads(state["numpy"])
+    gen.set_state(state["torch"])
+
+
+def fingerprint(module: nn.Module) -> float:
+    """A number that changes when the weights do (to refuse resuming on another autoencoder)."""
+    return float(sum(p.double().sum() for p in module.state_dict().values()))
+
+
+def load_autoencoder(out: str | os.PathLike) -> AutoencoderKL:
+    """The stage-1 autoencoder of a run folder (its final weights), frozen."""
+    state = Run(out, "autoencoder").load()
+    ae = AutoencoderKL(AutoencoderConfig(**{**state["config"], "ch_mult": tuple(state["config"]["ch_mult"])}))
+    ae.load_state_dict(state["model"], strict=True)
+    return ae.eval().requires_grad_(False)
+
+
+# --- stage 1: the autoencoder ----------------------------------------------------------------------------
+def autoencoder_loss(ae: AutoencoderKL, images: Tensor, gen: torch.Generator, kl_weight: float):
+    """L1 reconstruction of a posterior sample + kl_weight * KL, both summed per image (CompVis' scale)."""
+    posterior = ae.encode(images)  # (B, 3, 64, 64) -> N(mean, var) over (B, 4, 16, 16)
+    recon = ae.decode(posterior.sample(gen))  # (B, 3, 64, 64)
+    l1 = (recon - images).abs().sum(dim=[1, 2, 3]).mean()
+    kl = posterior.kl().mean()
+    return l1 + kl_weight * kl, recon, {"l1": l1.item() / images[0].numel(), "kl": kl.item()}
+
+
+def train_autoencoder(args) -> Path:
+    run = Run(args.out, "autoencoder")
+    torch.manual_seed(args.seed)  # the initial weights
+    ae = AutoencoderKL(AUTOENCODER)
+    opt = torch.optim.AdamW(ae.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    rng, gen = np.random.default_rng([args.seed, 1]), torch.Generator().manual_seed(args.seed)
+    step, elapsed = 0, 0.0
+    if args.resume:
+        state = run.load()
+        ae.load_state_dict(state["model"], strict=True)
+        opt.load_state_dict(state["opt"])
+        set_rng_state(rng, gen, state["rng"])
+        step, elapsed = state["step"], state["elapsed"]
+    fixed, _, _ = shapes.sample_batch(8, np.random.default_rng([args.seed, 2]))  # for the grids
+
+    def checkpoint():
+        run.save({"model": ae.state_dict(), "opt": opt.state_dict(), "rng": rng_state(rng, gen),
+                  "step": step, "elapsed": elapsed, "config": dataclasses.asdict(AUTOENCODER),
+                  "args": vars(args)})  # fmt: skip
+
+    start, last_ckpt = time.time() - elapsed, time.time()
+    bar = tqdm(total=args.steps, initial=step, desc="autoencoder", disable=not args.progress)
+    while step < min(args.steps, args.stop_at or args.steps):
+        images, _, _ = shapes.sample_batch(args.batch, rng)  # (B, 3, 64, 64) in [-1, 1], fresh every step
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        loss, _, parts = autoencoder_loss(ae, images, gen, args.kl_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        elapsed = time.time() - start
+        bar.update(1)
+        bar.set_postfix(l1=f"{parts['l1']:.4f}")
+        if step % args.log_every == 0 or step == args.steps:
+            lr = opt.param_groups[0]["lr"]
+            run.log({"step": step, "loss": loss.item(), **parts, "lr": lr, "time": elapsed})
+        if step % args.grid_every == 0 or step == args.steps:
+            with torch.no_grad():
+                recon = ae(fixed)
+            save_grid(torch.cat([fixed, recon]), run.dir / f"autoencoder_{step:06d}.png", nrow=8)
+        if time.time() - last_ckpt > 60 * args.ckpt_minutes or step in (args.steps, args.stop_at):
+            checkpoint()
+            last_ckpt = time.time()
+    bar.close()
+    return run.ckpt
+
+
+# --- stage 2: the diffusion model ------------------------------------------------------------------------
+@torch.no_grad()
+def latent_scale(ae: AutoencoderKL, n: int, seed: int) -> float:
+    """LDM's scale_by_std: 1 / std of posterior samples z of n fresh images: scale * z has unit variance."""
+    images, _, _ = shapes.sample_batch(n, np.random.default_rng([seed, 3]))
+    z = ae.encode(images).sample(torch.Generator().manual_seed(seed))
+    return 1.0 / z.flatten().std().item()
+
+
+def diffusion_loss(m: LatentDiffusion, images: Tensor, captions: list[str], gen: torch.Generator):
+    """min-SNR-weighted eps-prediction loss (LDM Eq. 2) on one batch; the autoencoder is frozen."""
+    with torch.no_grad():
+        z0 = m.autoencoder.encode(images).sample(gen) * m.scale_factor  # (B, 4, 16, 16), ~unit variance
+    t = torch.randint(0, m.alphas_cumprod.shape[0], (len(images),), generator=gen)  # (B,) uniform
+    noise = torch.randn(z0.shape, generator=gen)
+    z_t = q_sample(z0, t, noise, m.alphas_cumprod)  # DDPM Eq. 4
+    context = m.encode_text(m.tokenize(captions))  # (B, 77, 128), gradients flow into LDMBert
+    eps = m.predict_noise(z_t, t, context)  # (B, 4, 16, 16)
+    s = snr(m.alphas_cumprod)[t]  # (B,)
+    weight = s.clamp(max=5.0) / s  # minSNR-5 for eps-prediction
+    return (weight * F.mse_loss(eps, noise, reduction="none").mean(dim=[1, 2, 3])).mean()
+
+
+def build_model(ae: AutoencoderKL, tokenizer: Tokenizer, scale_factor: float) -> LatentDiffusion:
+    text = LDMBertConfig(vocab_size=tokenizer.vocab_size, n_embed=TEXT_WIDTH, n_layer=TEXT_LAYERS, n_heads=4,
+                         head_dim=TEXT_WIDTH // 4, ffn_dim=4 * TEXT_WIDTH)  # fmt: skip
+    return LatentDiffusion("txt2img", UNet(UNET), ae, SCHEDULE, scale_factor, LDMBert(text), tokenizer)
+
+
+@torch.no_grad()
+def sample_grid(m: LatentDiffusion, path: Path, seed: int, steps: int = 20, scale: float = 4.0) -> None:
+    """The GRID_PROMPTS, two seeds each, DDIM with guidance: one PNG, a prompt per column."""
+    prompts = GRID_PROMPTS * 2
+    cond, uncond = m.encode_text(m.tokenize(prompts)), m.encode_text(m.tokenize([""] * len(prompts)))
+    shape = (len(prompts), m.latent_channels, 16, 16)
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    z0 = samplers.ddim(m, x_T, steps, cond=cond, uncond=uncond, guidance_scale=scale, progress=False)
+    save_grid(m.decode(z0), path, nrow=len(GRID_PROMPTS))
+
+
+def train_diffusion(args) -> Path:
+    run = Run(args.out, "diffusion")
+    ae = load_autoencoder(args.out)
+    torch.manual_seed(args.seed)  # the initial weights
+    tokenizer = train_tokenizer(seed=args.seed)
+    m = build_model(ae, tokenizer, latent_scale(ae, args.scale_images, args.seed))
+    trained = nn.ModuleDict({"unet": m.unet, "text_encoder": m.text_encoder})  # cond_stage_trainable
+    ema = copy.deepcopy(trained).requires_grad_(False)
+    opt = torch.optim.AdamW(trained.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    rng, gen = np.random.default_rng([args.seed, 4]), torch.Generator().manual_seed(args.seed)
+    step, elapsed = 0, 0.0
+    if args.resume:
+        state = run.load()
+        if state["vocab"] != tokenizer.vocab_text or state["autoencoder"] != fingerprint(ae):
+            raise ValueError("--resume: the checkpoint was trained on another autoencoder or vocabulary")
+        trained.load_state_dict(state["model"], strict=True)
+        ema.load_state_dict(state["ema"], strict=True)
+        opt.load_state_dict(state["opt"])
+        set_rng_state(rng, gen, state["rng"])
+        step, elapsed, m.scale_factor = state["step"], state["elapsed"], state["scale_factor"]
+    else:
+        run.log({"scale_factor": m.scale_factor})
+
+    def checkpoint():
+        run.save({"model": trained.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                  "rng": rng_state(rng, gen), "step": step, "elapsed": elapsed,
+                  "scale_factor": m.scale_factor,
+                  "vocab": tokenizer.vocab_text, "unet_config": config_to_json(UNET),
+                  "text_encoder_config": config_to_json(m.text_encoder.config), "args": vars(args),
+                  "autoencoder": fingerprint(ae)})  # fmt: skip
+
+    def ema_model() -> LatentDiffusion:
+        unet, text_encoder = ema["unet"], ema["text_encoder"]  # with m's autoencoder, tokenizer and schedule
+        return LatentDiffusion("txt2img", unet, ae, SCHEDULE, m.scale_factor, text_encoder, tokenizer)
+
+    start, last_ckpt = time.time() - elapsed, time.time()
+    bar = tqdm(total=args.steps, initial=step, desc="diffusion", disable=not args.progress)
+    while step < min(args.steps, args.stop_at or args.steps):
+        images, captions, _ = shapes.sample_batch(args.batch, rng)
+        drop = rng.random(len(captions)) < args.uncond_prob  # caption dropout, for classifier-free guidance
+        captions = ["" if d else c for c, d in zip(captions, drop, strict=True)]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup, decay=False)  # the EMA anneals
+        loss = diffusion_loss(m, images, captions, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
+        opt.step()
+        ema_update(ema, trained, step, args.ema_decay)
+        step += 1
+        elapsed = time.time() - start
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % args.log_every == 0 or step == args.steps:
+            run.log({"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"], "time": elapsed})
+        if step % args.grid_every == 0 or step == args.steps:
+            sample_grid(ema_model().eval(), run.dir / f"diffusion_{step:06d}.png", args.seed)
+        if time.time() - last_ckpt > 60 * args.ckpt_minutes or step in (args.steps, args.stop_at):
+            checkpoint()
+            last_ckpt = time.time()
+    bar.close()
+    return run.ckpt
+
+
+# --- export ----------------------------------------------------------------------------------------------
+def export(out: str | os.PathLike, path: str | os.PathLike, dtype: str = "float32", force: bool = False):
+    """The run's final EMA weights + autoencoder -> one ldm_mini .safetensors file (loading.save's format)."""
+    state = Run(out, "diffusion").load()
+    ae = load_autoencoder(out)
+    tokenizer = Tokenizer.from_vocab(state["vocab"])
+    with torch.device("meta"):  # shapes only: the weights come from the checkpoint
+        m = build_model(ae, tokenizer, state["scale_factor"])
+    m.autoencoder = ae
+    m.unet.load_state_dict({k[5:]: v for k, v in state["ema"].items() if k.startswith("unet.")}, assign=True)
+    m.text_encoder.load_state_dict(
+        {k[13:]: v for k, v in state["ema"].items() if k.startswith("text_encoder.")}, assign=True
+    )
+    source = (f"ldm_mini.train shapes world: {state['step']} diffusion steps, EMA weights, "
+              f"{state['elapsed'] / 60:.1f} min of diffusion training")  # fmt: skip
+    dtype = {"float32": None, "float16": torch.float16}[dtype]
+    return save(m, path, force=force, dtype=dtype, source=source, recommended=RECOMMENDED)
+
+
+# --- command line ----------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m ldm_mini.train", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="stage", required=True)
+    for stage, steps, batch, lr in (("autoencoder", 1800, 16, 2e-3), ("diffusion", 7000, 32, 5e-4)):
+        p = sub.add_parser(stage, help=f"stage {1 if stage == 'autoencoder' else 2}")
+        p.add_argument("--out", required=True, help="run folder (checkpoints, logs, grids)")
+        p.add_argument("--steps", type=int, default=steps)
+        p.add_argument("--batch", type=int, default=batch)
+        p.add_argument("--lr", type=float, default=lr)
+        p.add_argument("--warmup", type=int, default=100)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+        p.add_argument("--stop-at", type=int, default=None, help="stop (with a checkpoint) after this step")
+        p.add_argument("--log-every", type=int, default=10)
+        p.add_argument("--grid-every", type=int, default=250 if stage == "autoencoder" else 500)
+        p.add_argument("--ckpt-minutes", type=float, default=3.0)
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+        p.add_argument("--no-progress", dest="progress", action="store_false")
+        if stage == "autoencoder":
+            p.add_argument("--kl-weight", type=float, default=1e-6)
+        else:
+            p.add_argument("--uncond-prob", type=float, default=0.1, help="caption dropout to ''")
+            p.add_argument("--ema-decay", type=float, default=0.999)
+            p.add_argument("--scale-images", type=int, default=512, help="images for the latent scale")
+    p = sub.add_parser("export", help="write the final EMA model as one .safetensors file")
+    p.add_argument("run", help="run folder with autoencoder.pt and diffusion.pt")
+    p.add_argument("path", help="the .safetensors file to write")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    args = ap.parse_args(argv)
+    if args.stage == "export":
+        print(f"wrote {export(args.run, args.path, args.dtype, args.force)}")
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.steps < 1 or args.batch < 1:
+        raise SystemExit(f"--steps and --batch must be >= 1, got {args.steps} and {args.batch}")
+    ckpt = (train_autoencoder if args.stage == "autoencoder" else train_diffusion)(args)
+    print(f"{args.stage}: checkpoint {ckpt}, log and grids in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
