@@ -324,7 +324,9 @@ class VectorQuantizer(nn.Module):
         b, c, hh, ww = h.shape
         flat = h.permute(0, 2, 3, 1).reshape(-1, c)  # (B, C, h, w) -> (B*h*w, C)
         # Nearest code by Euclidean distance. torch.cdist, as diffusers: near-ties then resolve the same way.
-        indices = torch.cdist(flat, self.embedding.weight).argmin(dim=1)  # (B*h*w,)
+        # Always in float32 (a no-op for float32 models): in bfloat16/float16 the rounded distances would send
+        # latents that lie near the middle of two codes to the other code, a visible change in the image.
+        indices = torch.cdist(flat.float(), self.embedding.weight.float()).argmin(dim=1)  # (B*h*w,)
         z_q = self.embedding(indices).view(b, hh, ww, c)  # (B, h, w, C)
         # Straight-through estimator (VQ-VAE Sec. 3.2): value z_q, gradient flows to h as if z_q = h.
         # Written as diffusers and CompVis write it, so the values match theirs to the last bit.

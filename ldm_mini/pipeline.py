@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from . import samplers
+from .tiling import TiledModel
 
 SAMPLERS = {"ddim": samplers.ddim, "plms": samplers.plms, "lms": samplers.lms, "ddpm": samplers.ddpm}
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -223,10 +224,13 @@ def low_res_image(image) -> Tensor:
 @torch.no_grad()
 def superres(m, image, num_inference_steps=100, eta=0.0, generator=None, noise=None, sampler="ddim",
              output_type="pil", callback=None, progress=True, latents=None, return_intermediates=False,
-             **sampler_overrides):  # fmt: skip
+             decode_tile=None, unet_tile=None, **sampler_overrides):  # fmt: skip
     """4x super-resolution (LDMSuperResolutionPipeline; the model card uses eta=1). The latent has the
     low-res image's size (VQ-f4: the output is 4x larger); the image is concatenated to z_t at every step.
-    image: see low_res_image. Other arguments as txt2img."""
+    image: see low_res_image. decode_tile / unet_tile: run the decoder / UNet in overlapping tiles of this
+    many latent pixels (ldm_mini.tiling; e.g. decode_tile=128 for a 512x512 input). Others as txt2img."""
+    if decode_tile is not None or unet_tile is not None:
+        m = TiledModel(m, decode_tile=decode_tile, unet_tile=unet_tile)
     _check_call(m, "superres", num_inference_steps, sampler, output_type, eta, noise, sampler_overrides)
     low = low_res_image(image)
     shape = (low.shape[0], m.latent_channels, *low.shape[-2:])
