@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
 import re
 import secrets
 import sys
@@ -34,10 +33,9 @@ from pathlib import Path
 import torch
 
 from . import pipeline
-from .loading import DTYPES, EMBEDDED, build_empty, load, read_metadata, resolve
+from .loading import DTYPES, EMBEDDED, HUB_ID, build_empty, from_hub, load, read_metadata, resolve
 from .verify import DEFAULT_PROMPT
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as on huggingface.co
 KINDS = {"txt2img": "txt2img", "sample": "unconditional", "upscale": "superres"}  # command -> model kind
 PIPELINES = {"txt2img": pipeline.txt2img, "sample": pipeline.unconditional, "upscale": pipeline.superres}
 # the command-line name of each pipeline argument that a file's "recommended" metadata may set
@@ -53,33 +51,15 @@ EXAMPLES = {
 
 
 # --- where the weights come from --------------------------------------------------------------------
-def cache_dir() -> Path:
-    if os.environ.get("LDM_MINI_CACHE"):
-        return Path(os.environ["LDM_MINI_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ldm_mini"
-
-
-def from_hub(repo_id: str) -> Path:
-    """A hub pipeline, downloaded and converted into the cache the first time; the cached file after."""
-    out = cache_dir() / (repo_id.replace("/", "--") + ".safetensors")
-    if not out.exists():
-        from weights_tools.download import download
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        print(f"downloading and converting {repo_id} once, into {out}", file=sys.stderr)
-        download(repo_id, out)
-    return out
-
-
 def weights_path(spec: str | None, parser: argparse.ArgumentParser) -> Path:
     """--weights / FILE -> a converted file: an embedded name, an existing path, or a hub id."""
-    if spec is None or spec in EMBEDDED or Path(spec).exists():
+    if spec is None or spec in EMBEDDED or Path(spec).exists() or not HUB_ID.match(spec):
         try:
             return resolve(spec)
         except (FileNotFoundError, IsADirectoryError) as e:
             parser.error(f"{e}. Give a converted .safetensors file or a hub id such as "
                          "CompVis/ldm-text2im-large-256")  # fmt: skip
-    if HUB_ID.match(spec) and not spec.endswith(".safetensors"):
+    if not spec.endswith(".safetensors"):
         try:
             return from_hub(spec)
         except (ValueError, OSError) as e:  # weights_tools' ConversionError is a ValueError

@@ -28,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -47,6 +49,7 @@ FORMAT = "ldm_mini/1"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 EMBEDDED = {"shapes": WEIGHTS_DIR / "shapes.safetensors"}  # shipped inside the package (train.py)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as on huggingface.co
 
 
 # --- configs <-> metadata ---------------------------------------------------------------------------
@@ -205,8 +208,28 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise ValueError(f"{path} is not a readable .safetensors file ({e}); is it truncated?") from e
 
 
+def cache_dir() -> Path:
+    """Where hub models are kept once converted: $LDM_MINI_CACHE, else $XDG_CACHE_HOME/ldm_mini."""
+    if os.environ.get("LDM_MINI_CACHE"):
+        return Path(os.environ["LDM_MINI_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ldm_mini"
+
+
+def from_hub(repo_id: str) -> Path:
+    """A hub pipeline, downloaded and converted into the cache the first time; the cached file after."""
+    out = cache_dir() / (repo_id.replace("/", "--") + ".safetensors")
+    if not out.exists():
+        from weights_tools.download import download  # huggingface_hub is only needed here
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        print(f"downloading and converting {repo_id} once, into {out}", file=sys.stderr)
+        download(repo_id, out)
+    return out
+
+
 def resolve(weights: str | os.PathLike | None) -> Path:
-    """None or an embedded name ("shapes") -> the file in the package; anything else -> a path."""
+    """None or an embedded name ("shapes") -> the file in the package; an existing path -> itself; a hub id
+    (e.g. "CompVis/ldm-text2im-large-256") -> downloaded and converted once into cache_dir()."""
     if weights is None:
         weights = "shapes"
     if str(weights) in EMBEDDED:
@@ -215,10 +238,12 @@ def resolve(weights: str | os.PathLike | None) -> Path:
             raise FileNotFoundError(f"the embedded model {weights!r} is missing from {path}")
         return path
     path = Path(weights)
+    if not path.exists() and HUB_ID.match(str(weights)) and path.suffix != ".safetensors":
+        return from_hub(str(weights))
     if not path.exists():
         raise FileNotFoundError(
             f"no weight file {path}: pass a converted .safetensors file, an embedded name "
-            f"({', '.join(EMBEDDED)}), or convert one with `python -m weights_tools.convert`"
+            f"({', '.join(EMBEDDED)}), a hub id, or convert one with `python -m weights_tools.convert`"
         )
     if path.is_dir():
         raise IsADirectoryError(
@@ -233,7 +258,8 @@ def load(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
 ) -> LatentDiffusion:
-    """Load a converted weight file (default: the embedded shapes model) as an eval-mode model.
+    """Load a converted weight file (default: the embedded shapes model; a hub id is downloaded and
+    converted once) as an eval-mode model.
 
     device: where the parameters go (default CPU); dtype: cast floating-point weights (default: as stored
     in the file, float32 for float32 files).

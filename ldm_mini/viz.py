@@ -11,9 +11,6 @@ matplotlib is needed here only (pip install matplotlib); the rest of ldm_mini do
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -27,30 +24,12 @@ except ImportError as e:  # pragma: no cover - a dev dependency
 
 from . import shapes
 from .autoencoder import AutoencoderConfig, build_autoencoder
-from .loading import load, resolve
 from .model import LatentDiffusion
 from .schedule import ScheduleConfig
 from .unet import UNet, UNetConfig
 
 
 # --- opening a model, example images ---------------------------------------------------------------------
-def weights_path(weights: str | os.PathLike | None = None) -> Path:
-    """None (the embedded shapes model), a converted .safetensors file, or a hub id such as
-    "CompVis/ldm-text2im-large-256" -> the path of an ldm_mini weight file. A hub id is downloaded and
-    converted once, into the same cache as the command line's `--weights` (ldm_mini.__main__.from_hub)."""
-    name = "" if weights is None else str(weights)
-    if name.count("/") == 1 and not name.endswith(".safetensors") and not Path(name).exists():
-        from .__main__ import from_hub  # imported here: the CLI module is not needed otherwise
-
-        return from_hub(name)
-    return resolve(weights)
-
-
-def open_model(weights: str | os.PathLike | None = None, device="cpu", dtype=None) -> LatentDiffusion:
-    """ldm_mini.load(weights_path(weights)): hub ids work too."""
-    return load(weights_path(weights), device=device, dtype=dtype)
-
-
 def example_images(n: int, size: int = 64, seed: int = 0) -> tuple[Tensor, list[str]]:
     """n scenes of the shapes world (shapes.py): images (n, 3, size, size) in [-1, 1] and their captions.
     The 64x64 drawings are scaled to `size` with nearest-neighbour (a multiple of 64 keeps edges crisp)."""
