@@ -60,7 +60,7 @@ ROWS = {  # three objects, in caption order
     "from top to bottom": ((32, 11), (32, 32), (32, 53)),
 }
 JITTER = 2  # px, added to every centre
-NUM_SHAPES_P = (0.45, 0.45, 0.10)  # probability of 1, 2, 3 shapes in a scene
+NUM_SHAPES_P = (0.45, 0.45, 0.10)  # probability of 1, 2, 3 shapes in a scene (training may ask for another)
 
 
 @dataclass(frozen=True)
@@ -173,9 +173,14 @@ def _random_pairs(rng: np.random.Generator, n: int, split: str) -> list[tuple[st
     return pairs
 
 
-def random_scene(rng: np.random.Generator, split: str = "train") -> Scene:
+def random_scene(
+    rng: np.random.Generator, split: str = "train", num_shapes_p: tuple[float, ...] = NUM_SHAPES_P
+) -> Scene:
+    """One scene; num_shapes_p: the probabilities of 1, 2 and 3 shapes."""
     _check_split(split)
-    n = int(rng.choice(3, p=NUM_SHAPES_P)) + 1
+    if len(num_shapes_p) != 3 or min(num_shapes_p) < 0 or abs(sum(num_shapes_p) - 1) > 1e-6:
+        raise ValueError(f"num_shapes_p: 3 probabilities (1, 2, 3 shapes) summing to 1, got {num_shapes_p}")
+    n = int(rng.choice(3, p=num_shapes_p)) + 1
     pairs = _random_pairs(rng, n, split)
     if n == 1:
         sizes = [("small", "medium", "large")[rng.integers(3)]]
@@ -201,11 +206,13 @@ def random_scene(rng: np.random.Generator, split: str = "train") -> Scene:
     return Scene(spec, drawn, tuple(background.tolist()), tuple(shading.tolist()))
 
 
-def random_prompts(n: int, split: str = "train", seed: int = 0) -> list[tuple[str, Spec]]:
-    """n evaluation prompts (caption, spec), drawn like the training scenes (heldout: >= 1 held-out pair)."""
+def random_prompts(
+    n: int, split: str = "train", seed: int = 0, num_shapes_p: tuple[float, ...] = NUM_SHAPES_P
+) -> list[tuple[str, Spec]]:
+    """n evaluation prompts (caption, spec), drawn like the dataset's scenes (heldout: >= 1 held-out pair)."""
     _check_split(split)
     rng = np.random.default_rng([seed, SPLITS.index(split), 1])  # a stream apart from ShapesDataset's
-    return [(s.caption, s.spec) for s in (random_scene(rng, split) for _ in range(n))]
+    return [(s.caption, s.spec) for s in (random_scene(rng, split, num_shapes_p) for _ in range(n))]
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -247,11 +254,14 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def sample_batch(
-    n: int, rng: np.random.Generator | int, split: str = "train"
+    n: int,
+    rng: np.random.Generator | int,
+    split: str = "train",
+    num_shapes_p: tuple[float, ...] = NUM_SHAPES_P,
 ) -> tuple[torch.Tensor, list[str], list[Scene]]:
     """n fresh scenes: (images (n, 3, 64, 64) float in [-1, 1], captions, scenes). rng: Generator or seed."""
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    scenes = [random_scene(rng, split) for _ in range(n)]
+    scenes = [random_scene(rng, split, num_shapes_p) for _ in range(n)]
     images = to_tensor(np.stack([render(s) for s in scenes]))
     return images, [s.caption for s in scenes], scenes
 

@@ -63,6 +63,18 @@ def test_sample_batch_format_and_seed():
     assert item.shape == (3, IMAGE_SIZE, IMAGE_SIZE) and isinstance(caption, str)
 
 
+def test_number_of_shapes_mix():
+    """num_shapes_p sets the mix of 1, 2, 3 shapes (training asks for more multi-shape scenes)."""
+    counts = np.bincount([len(s.spec.objects) for s in scenes(2000, "train")], minlength=4)[1:] / 2000
+    np.testing.assert_allclose(counts, (0.45, 0.45, 0.10), atol=0.04)  # NUM_SHAPES_P, the default
+    _, _, only_three = sample_batch(50, 0, num_shapes_p=(0.0, 0.0, 1.0))
+    assert {len(s.spec.objects) for s in only_three} == {3}
+    assert {len(spec.objects) for _, spec in random_prompts(20, "heldout", num_shapes_p=(1, 0, 0))} == {1}
+    for bad in ((0.5, 0.5), (0.5, 0.6, -0.1), (0.2, 0.2, 0.2)):
+        with pytest.raises(ValueError, match="num_shapes_p"):
+            random_scene(np.random.default_rng(0), num_shapes_p=bad)
+
+
 def test_splits_and_held_out_pairs():
     train = scenes(3000, "train", seed=1)
     assert not any((d.colour, d.shape) in HELDOUT_PAIRS for s in train for d in s.shapes)
