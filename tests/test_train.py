@@ -118,5 +118,4 @@ def test_lr_schedule():
     assert train.lr_at(0, 100, 1.0, 10) == pytest.approx(0.1)
     assert train.lr_at(10, 100, 1.0, 10) == pytest.approx(1.0)
     assert train.lr_at(100, 100, 1.0, 10) == pytest.approx(0.1)
-    assert train.lr_at(99, 100, 1.0, 10, decay=False) == 1.0
     assert np.isclose(train.lr_at(55, 100, 1.0, 10), 0.55)
