@@ -3,7 +3,8 @@
 Generates one image per prompt for seen prompts (shapes.random_prompts(split="train")) and held-out ones
 (split="heldout": every prompt has a colour+shape pair never seen in training), with ldm_mini.txt2img at
 the given sampler settings, and reports benchmarks/shapes_judge.py's verdicts: the fraction fully correct
-and per attribute (count, colour, shape, binding, size, position). Then a sweep over guidance scale and
+and per attribute (count, colour, shape, binding, size, position), also by the number of shapes in the
+prompt; then the same on three-shape prompts alone (the hardest scenes), a sweep over guidance scale and
 steps (seen prompts), and the autoencoder's reconstruction PSNR on fresh images.
 
     python benchmarks/eval_shapes.py                      # prints the tables
@@ -67,7 +68,7 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", default=None, help="an ldm_mini .safetensors file (default: the embedded)")
-    ap.add_argument("--n", type=int, default=100, help="prompts per split (seen, held-out)")
+    ap.add_argument("--n", type=int, default=200, help="prompts per split (seen, held-out)")
     ap.add_argument("--steps", type=int, default=20, help="DDIM steps (the default setting)")
     ap.add_argument("--guidance", type=float, default=2.0, help="guidance scale (the default setting)")
     ap.add_argument("--seed", type=int, default=0)
@@ -85,13 +86,31 @@ def main(argv=None):
         f"guidance scale {args.guidance}, eta 0, 64x64; seed {args.seed}; {args.n} prompts per split.",
         "",
     ]
-    results, images = {}, {}
+    results, images, by_count = {}, {}, []
     for name, split in (("seen", "train"), ("held-out", "heldout")):
-        captions = [c for c, _ in shapes.random_prompts(args.n, split, seed=args.seed)]
+        prompts = shapes.random_prompts(args.n, split, seed=args.seed)
+        captions = [c for c, _ in prompts]
         images[name] = generate(m, captions, args.steps, args.guidance, args.seed)
         results[name] = evaluate(list(images[name]), captions, value_range=(0.0, 1.0))
+        for k in (1, 2, 3):  # the same verdicts, by the number of shapes in the prompt
+            idx = [i for i, (_, spec) in enumerate(prompts) if len(spec.objects) == k]
+            r = evaluate([images[name][i] for i in idx], [captions[i] for i in idx], value_range=(0.0, 1.0))
+            by_count.append(f"{name:<10}{k:>7}{len(idx):>6}{100 * r['correct']:>9.1f}%")
     lines += ["Judge verdicts, percent of prompts (`correct` = all attributes right):", "", "```",
-              format_table(results, args.n), "```", ""]  # fmt: skip
+              format_table(results, args.n), "```", "",
+              "Fully correct, by the number of shapes in the prompt:", "", "```",
+              f"{'split':<10}{'shapes':>7}{'n':>6}{'correct':>10}", *by_count, "```", ""]  # fmt: skip
+
+    # The hardest scenes alone: three shapes, each colour bound to its shape and its place in the row.
+    hard = {}
+    for name, split in (("seen", "train"), ("held-out", "heldout")):
+        prompts = shapes.random_prompts(args.n // 2, split, args.seed, num_shapes_p=(0.0, 0.0, 1.0))
+        captions = [c for c, _ in prompts]
+        generated = generate(m, captions, args.steps, args.guidance, args.seed)
+        hard[name] = evaluate(list(generated), captions, value_range=(0.0, 1.0))
+    lines += [f"Three-shape prompts only ({args.n // 2} per split), same settings:", "", "```",
+              format_table(hard, args.n // 2), "```", ""]  # fmt: skip
+    print("\n".join(lines), flush=True)
 
     if args.sweep:
         captions = [c for c, _ in shapes.random_prompts(args.n, "train", seed=args.seed)]
