@@ -25,7 +25,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.shapes_judge import ATTRIBUTES, evaluate, format_table  # noqa: E402
+from benchmarks.shapes_judge import ATTRIBUTES, evaluate, format_table, judge, summarize  # noqa: E402
 from ldm_mini import loading, shapes  # noqa: E402
 from ldm_mini.pipeline import txt2img  # noqa: E402
 
@@ -86,31 +86,32 @@ def main(argv=None):
         f"guidance scale {args.guidance}, eta 0, 64x64; seed {args.seed}; {args.n} prompts per split.",
         "",
     ]
+
+    def judged(split, num_shapes_p=shapes.NUM_SHAPES_P, n=args.n):
+        """Generate the split's first n prompts at the default settings: (specs, images, judge verdicts)."""
+        prompts = shapes.random_prompts(n, split, args.seed, num_shapes_p)
+        captions = [c for c, _ in prompts]
+        images = generate(m, captions, args.steps, args.guidance, args.seed)
+        verdicts = [judge(im, c, value_range=(0.0, 1.0)) for im, c in zip(images, captions, strict=True)]
+        return [spec for _, spec in prompts], images, verdicts
+
     results, images, by_count = {}, {}, []
     for name, split in (("seen", "train"), ("held-out", "heldout")):
-        prompts = shapes.random_prompts(args.n, split, seed=args.seed)
-        captions = [c for c, _ in prompts]
-        images[name] = generate(m, captions, args.steps, args.guidance, args.seed)
-        results[name] = evaluate(list(images[name]), captions, value_range=(0.0, 1.0))
+        specs, images[name], verdicts = judged(split)
+        results[name] = summarize(verdicts)
         for k in (1, 2, 3):  # the same verdicts, by the number of shapes in the prompt
-            idx = [i for i, (_, spec) in enumerate(prompts) if len(spec.objects) == k]
-            r = evaluate([images[name][i] for i in idx], [captions[i] for i in idx], value_range=(0.0, 1.0))
-            by_count.append(f"{name:<10}{k:>7}{len(idx):>6}{100 * r['correct']:>9.1f}%")
+            mine = [v for v, spec in zip(verdicts, specs, strict=True) if len(spec.objects) == k]
+            by_count.append(f"{name:<10}{k:>7}{len(mine):>6}{100 * summarize(mine)['correct']:>9.1f}%")
     lines += ["Judge verdicts, percent of prompts (`correct` = all attributes right):", "", "```",
               format_table(results, args.n), "```", "",
               "Fully correct, by the number of shapes in the prompt:", "", "```",
               f"{'split':<10}{'shapes':>7}{'n':>6}{'correct':>10}", *by_count, "```", ""]  # fmt: skip
 
     # The hardest scenes alone: three shapes, each colour bound to its shape and its place in the row.
-    hard = {}
-    for name, split in (("seen", "train"), ("held-out", "heldout")):
-        prompts = shapes.random_prompts(args.n // 2, split, args.seed, num_shapes_p=(0.0, 0.0, 1.0))
-        captions = [c for c, _ in prompts]
-        generated = generate(m, captions, args.steps, args.guidance, args.seed)
-        hard[name] = evaluate(list(generated), captions, value_range=(0.0, 1.0))
+    hard = {name: summarize(judged(split, (0.0, 0.0, 1.0), args.n // 2)[2])
+            for name, split in (("seen", "train"), ("held-out", "heldout"))}  # fmt: skip
     lines += [f"Three-shape prompts only ({args.n // 2} per split), same settings:", "", "```",
               format_table(hard, args.n // 2), "```", ""]  # fmt: skip
-    print("\n".join(lines), flush=True)
 
     if args.sweep:
         captions = [c for c, _ in shapes.random_prompts(args.n, "train", seed=args.seed)]

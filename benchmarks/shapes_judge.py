@@ -12,7 +12,7 @@
    (multiset of colour+shape pairs), size (where the caption names one) and position (the caption's
    relation between the blobs matched to its objects). "correct" means all of them.
 
-Library:  judge(image, caption) -> dict;  evaluate(images, captions) -> fractions.
+Library:  judge(image, caption) -> dict;  evaluate(images, captions) -> fractions (summarize(verdicts)).
 Script:   python benchmarks/shapes_judge.py --ground-truth 200   (the judge on the dataset's own images;
           it must read them 100% correctly). Model evaluation will plug generated images into evaluate().
 """
@@ -40,7 +40,7 @@ from ldm_mini.shapes import (  # noqa: E402
     signed_distance,
 )
 
-__all__ = ["ATTRIBUTES", "Blob", "evaluate", "find_blobs", "judge", "parse_caption"]
+__all__ = ["ATTRIBUTES", "Blob", "evaluate", "find_blobs", "judge", "parse_caption", "summarize"]
 
 ATTRIBUTES = ("count", "colour", "shape", "binding", "size", "position")
 _COLOURS = np.array(list(PALETTE.values()), np.float32)  # (K, 3)
@@ -192,7 +192,11 @@ def evaluate(images, captions, **find_kwargs) -> dict[str, float]:
     """Fraction of images judged right, per attribute and fully ("correct")."""
     if len(images) != len(captions):
         raise ValueError(f"got {len(images)} images but {len(captions)} captions; give one caption per image")
-    verdicts = [judge(im, c, **find_kwargs) for im, c in zip(images, captions, strict=True)]
+    return summarize([judge(im, c, **find_kwargs) for im, c in zip(images, captions, strict=True)])
+
+
+def summarize(verdicts: list[dict]) -> dict[str, float]:
+    """judge() verdicts -> the fraction right, per attribute and fully ("correct")."""
     return {k: float(np.mean([v[k] for v in verdicts])) for k in (*ATTRIBUTES, "correct")}
 
 
