@@ -25,8 +25,9 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import ldm_mini  # noqa: E402
 from benchmarks.shapes_judge import ATTRIBUTES, evaluate, format_table, judge, summarize  # noqa: E402
-from ldm_mini import loading, shapes  # noqa: E402
+from ldm_mini import hub, loading, shapes  # noqa: E402
 from ldm_mini.pipeline import txt2img  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -77,8 +78,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     t0 = time.time()
-    m = loading.load(args.weights, dtype="float32")
-    path = loading.resolve(args.weights)
+    m = ldm_mini.load(args.weights, dtype="float32")
+    path = hub.resolve(args.weights)
     source = loading.read_metadata(path)["source"]
     lines = [
         f"Model: `{path.name}` ({path.stat().st_size / 1e6:.1f} MB; {source})",

@@ -1,15 +1,23 @@
 """ldm_mini: Latent Diffusion Models (Rombach et al., CVPR 2022), from scratch, one concept per file.
 
-    m = ldm_mini.load()                                   # the embedded shapes model, or a converted file
+    m = ldm_mini.load()                       # the embedded shapes model, a converted file, or a hub id
     images = ldm_mini.txt2img(m, "a red circle above a blue square", generator=torch.manual_seed(0))
 
-Modules: autoencoder (KL-f8, VQ-f4), unet (one UNet for all published models), bert (LDMBert),
-tokenizer (WordPiece), schedule (betas, alpha-bar, q_sample), samplers (DDPM, DDIM, PLMS, LMS),
-pipeline (txt2img, unconditional, superres), model (the LatentDiffusion container), loading (the file).
+Two layers, and every import points down (tests/test_layering.py):
+
+  core     autoencoder (KL-f8, VQ-f4), unet (one UNet for all published models), bert (LDMBert), tokenizer
+           (WordPiece), schedule (betas, alpha-bar, q_sample), samplers (DDPM, DDIM, PLMS, LMS), model (the
+           LatentDiffusion container), loading (the weight file), pipeline (txt2img, unconditional,
+           superres), tiling (large images in bounded memory)
+  tooling  hub (embedded names, files and hub ids -> a model), __main__ (the command line), verify (against
+           diffusers), viz (notebook figures), shapes (the procedural world), train (the embedded model)
+
+The converters (weights_tools/) sit between the two: they import the core, and the hub imports them.
 """
 
 from . import samplers, schedule
-from .loading import load, save
+from .hub import load
+from .loading import save
 from .model import LatentDiffusion
 from .pipeline import superres, txt2img, unconditional
 

@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from . import pipeline
-from .loading import DTYPES, EMBEDDED, HUB_ID, build_empty, from_hub, load, read_metadata, resolve
+from .hub import HUB_ID, from_hub, load, resolve
+from .loading import DTYPES, EMBEDDED, build_empty, read_metadata
 from .verify import DEFAULT_PROMPT
 
 KINDS = {"txt2img": "txt2img", "sample": "unconditional", "upscale": "superres"}  # command -> model kind
@@ -208,7 +209,7 @@ def run_sampling(args, parser) -> int:
 
 # --- info, verify -----------------------------------------------------------------------------------
 def run_info(args, parser) -> int:
-    from weights_tools.inspect import summary  # reads the header only
+    from weights_tools.info import summary  # reads the header only
 
     path = weights_path(args.file, parser)
     try:

@@ -28,8 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
-import sys
 import tempfile
 from pathlib import Path
 
@@ -49,7 +47,6 @@ FORMAT = "ldm_mini/1"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 EMBEDDED = {"shapes": WEIGHTS_DIR / "shapes.safetensors"}  # shipped inside the package (train.py)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as on huggingface.co
 
 
 # --- configs <-> metadata ---------------------------------------------------------------------------
@@ -208,63 +205,19 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise ValueError(f"{path} is not a readable .safetensors file ({e}); is it truncated?") from e
 
 
-def cache_dir() -> Path:
-    """Where hub models are kept once converted: $LDM_MINI_CACHE, else $XDG_CACHE_HOME/ldm_mini."""
-    if os.environ.get("LDM_MINI_CACHE"):
-        return Path(os.environ["LDM_MINI_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ldm_mini"
-
-
-def from_hub(repo_id: str) -> Path:
-    """A hub pipeline, downloaded and converted into the cache the first time; the cached file after."""
-    out = cache_dir() / (repo_id.replace("/", "--") + ".safetensors")
-    if not out.exists():
-        from weights_tools.download import download  # huggingface_hub is only needed here
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        print(f"downloading and converting {repo_id} once, into {out}", file=sys.stderr)
-        download(repo_id, out)
-    return out
-
-
-def resolve(weights: str | os.PathLike | None) -> Path:
-    """None or an embedded name ("shapes") -> the file in the package; an existing path -> itself; a hub id
-    (e.g. "CompVis/ldm-text2im-large-256") -> downloaded and converted once into cache_dir()."""
-    if weights is None:
-        weights = "shapes"
-    if str(weights) in EMBEDDED:
-        path = EMBEDDED[str(weights)]
-        if not path.exists():
-            raise FileNotFoundError(f"the embedded model {weights!r} is missing from {path}")
-        return path
-    path = Path(weights)
-    if not path.exists() and HUB_ID.match(str(weights)) and path.suffix != ".safetensors":
-        return from_hub(str(weights))
-    if not path.exists():
-        raise FileNotFoundError(
-            f"no weight file {path}: pass a converted .safetensors file, an embedded name "
-            f"({', '.join(EMBEDDED)}), a hub id, or convert one with `python -m weights_tools.convert`"
-        )
-    if path.is_dir():
-        raise IsADirectoryError(
-            f"{path} is a folder: convert it first with "
-            f"`python -m weights_tools.convert {path} OUT.safetensors`"
-        )
-    return path
-
-
-def load(
-    weights: str | os.PathLike | None = None,
+def load_file(
+    path: str | os.PathLike,
+    *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
 ) -> LatentDiffusion:
-    """Load a converted weight file (default: the embedded shapes model; a hub id is downloaded and
-    converted once) as an eval-mode model.
+    """Read one weight file as an eval-mode model. (ldm_mini.load finds the file: an embedded name, a path or
+    a hub id, see hub.py.)
 
     device: where the parameters go (default CPU); dtype: cast floating-point weights (default: as stored
     in the file, float32 for float32 files).
     """
-    path = resolve(weights)
+    path = Path(path)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     device = torch.device(device or "cpu")
     meta = read_metadata(path)

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .loading import load, resolve
+from .hub import fetch, load, resolve
 from .model import LatentDiffusion
 from .pipeline import superres, txt2img, unconditional
 from .samplers import ddim_timesteps
@@ -207,8 +207,6 @@ def reference_from_source(source: str | Path, m: LatentDiffusion, notes: list[st
     d = _diffusers()
     folder = Path(source)
     if not folder.is_dir():
-        from weights_tools.download import fetch
-
         folder = fetch(str(source))
     pipe = d.DiffusionPipeline.from_pretrained(folder)  # float32, as saved
     if type(pipe).__name__ != PIPELINES[m.kind]:

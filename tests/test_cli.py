@@ -148,7 +148,7 @@ def test_info(tiny, capsys):
 
 
 def test_hub_id_is_converted_once_into_the_cache(tiny, tmp_path, monkeypatch, capsys):
-    import weights_tools.download
+    import ldm_mini.hub
 
     calls = []
 
@@ -158,7 +158,7 @@ def test_hub_id_is_converted_once_into_the_cache(tiny, tmp_path, monkeypatch, ca
         return Path(out)
 
     monkeypatch.setenv("LDM_MINI_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(weights_tools.download, "download", fake_download)
+    monkeypatch.setattr(ldm_mini.hub, "download", fake_download)
     for _ in range(2):
         assert main(["info", "CompVis/ldm-text2im-large-256"]) == 0
     assert calls == ["CompVis/ldm-text2im-large-256"]

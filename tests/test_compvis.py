@@ -24,8 +24,9 @@ import torch.nn.functional as F
 import yaml
 from helpers import randomize_
 
+from ldm_mini import load
 from ldm_mini.autoencoder import build_autoencoder
-from ldm_mini.loading import build_empty, load, read_metadata
+from ldm_mini.loading import build_empty, read_metadata
 from ldm_mini.unet import UNet
 from weights_tools import compvis
 from weights_tools.common import ConversionError

@@ -20,7 +20,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 from diffusers.schedulers import scheduling_ddpm, scheduling_lms_discrete
 from helpers import save_pipeline, tiny_superres, tiny_txt2img, tiny_unconditional
 
-from ldm_mini.loading import load
+from ldm_mini import load
 from ldm_mini.pipeline import superres, txt2img, unconditional
 from weights_tools.convert import convert
 

@@ -6,8 +6,9 @@ the analytic judge (benchmarks/shapes_judge.py). The quality figures over 200 pr
 
 import torch
 
+import ldm_mini
 from benchmarks.shapes_judge import judge
-from ldm_mini import loading, shapes
+from ldm_mini import hub, loading, shapes
 from ldm_mini.pipeline import txt2img
 from ldm_mini.train import GRID_PROMPTS
 
@@ -19,10 +20,10 @@ STEPS, GUIDANCE, SEED = 10, 2.0, 1
 
 
 def test_shipped_model_loads_by_default_and_by_name():
-    path = loading.resolve(None)
-    assert path == loading.resolve("shapes") == loading.EMBEDDED["shapes"]
+    path = hub.resolve(None)
+    assert path == hub.resolve("shapes") == loading.EMBEDDED["shapes"]
     assert path.stat().st_size <= 20_000_000  # the issue's budget for a file inside the package
-    m = loading.load()
+    m = ldm_mini.load()
     assert m.kind == "txt2img" and m.tokenizer is not None
     assert (m.latent_channels, m.downsample_factor) == (4, 4)  # 64x64 images <-> 16x16x4 latents
     assert m.tokenizer.pieces(PROMPT) == PROMPT.split()  # every caption word is one WordPiece
@@ -36,7 +37,7 @@ def generate(m):
 
 
 def test_fixed_prompt_is_deterministic_and_judged_right():
-    m = loading.load("shapes", dtype="float32")
+    m = ldm_mini.load("shapes", dtype="float32")
     a, b = generate(m), generate(m)
     assert a.shape == (1, 3, 64, 64)
     assert torch.equal(a, b)  # same seed, same image, bit for bit
@@ -48,7 +49,7 @@ def test_one_to_three_shapes_and_held_out_pairs_are_judged_right():
     """The training grid's prompts (1, 2 and 3 shapes; the last two with colour+shape pairs never seen in
     training) in one batch, one seed: every image right. (Over 400 prompts: the benchmark.)"""
     assert sum(shapes.is_heldout(shapes.parse_caption(p)) for p in GRID_PROMPTS) == 2
-    m = loading.load("shapes", dtype="float32")
+    m = ldm_mini.load("shapes", dtype="float32")
     gen = torch.Generator().manual_seed(0)
     images = txt2img(m, GRID_PROMPTS, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=64, width=64,
                      generator=gen, output_type="pt", progress=False)  # fmt: skip

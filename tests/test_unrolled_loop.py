@@ -18,7 +18,7 @@ import torch
 from helpers import save_pipeline, tiny_unconditional
 
 import ldm_mini
-from ldm_mini.loading import load
+from ldm_mini import load
 from ldm_mini.pipeline import unconditional
 from weights_tools.convert import convert
 

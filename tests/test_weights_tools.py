@@ -20,13 +20,12 @@ from helpers import save_pipeline, tiny_unconditional
 from safetensors import safe_open
 from test_compvis import tiny_checkpoint
 
-from ldm_mini.loading import DTYPES, load
+from ldm_mini import load
+from ldm_mini.hub import wanted_files
 from weights_tools import compvis
-from weights_tools import download as download_module
 from weights_tools.common import ConversionError, Inert, read_tensors
 from weights_tools.convert import convert
-from weights_tools.download import wanted_files
-from weights_tools.inspect import summary
+from weights_tools.info import summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -370,19 +369,15 @@ def test_inspect_reads_the_header_only(tmp_path, uncond, monkeypatch):
         assert f"{count / 1e6:9.2f} M parameters  F32" in text
     assert "kind          unconditional" in text and "text_encoder  -" in text
     assert "beta_schedule=scaled_linear" in text and "steps_offset=1" in text
-    run = cli("weights_tools.inspect", path)
+    run = cli("weights_tools.info", path)
     assert run.returncode == 0 and run.stdout.strip() == text
     (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 100)
-    assert one_line_error(cli("weights_tools.inspect", tmp_path / "bad.safetensors")).startswith(
+    assert one_line_error(cli("weights_tools.info", tmp_path / "bad.safetensors")).startswith(
         f"{tmp_path / 'bad.safetensors'}: not a .safetensors file (header length"
     )
 
 
 # --- download ------------------------------------------------------------------------------------------
-def test_download_dtypes_are_the_loaders():
-    assert download_module.DTYPES == tuple(sorted(DTYPES))
-
-
 def test_wanted_files_pick_one_weight_format_per_component():
     files = [
         "model_index.json",

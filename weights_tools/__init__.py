@@ -2,5 +2,5 @@
 
 python -m weights_tools.convert SOURCE OUT.safetensors     diffusers folder or CompVis .ckpt
 python -m weights_tools.download REPO_ID [OUT]             hub download + conversion
-python -m weights_tools.inspect FILE                       what a converted file holds
+python -m weights_tools.info FILE                          what a converted file holds
 """

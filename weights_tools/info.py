@@ -1,4 +1,4 @@
-"""python -m weights_tools.inspect FILE.safetensors
+"""python -m weights_tools.info FILE.safetensors
 
 Says what an ldm_mini weight file holds: model kind, configs, schedule, scale factor, tokenizer, parameter
 counts, dtypes and size per component. It reads only the file's header (safetensors: an 8-byte little-endian
@@ -79,7 +79,7 @@ def summary(path: str | Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m weights_tools.inspect",
+        prog="python -m weights_tools.info",
         description="Show what an ldm_mini weight file holds (header only).",
     )
     parser.add_argument("file", help="an ldm_mini .safetensors file")
