@@ -13,9 +13,11 @@ id, which is downloaded and converted once (weights_tools.download) into the cac
 ($LDM_MINI_CACHE, else $XDG_CACHE_HOME/ldm_mini, else ~/.cache/ldm_mini).
 
 A setting not given on the command line comes from the file's optional "recommended" metadata (JSON, e.g.
-{"steps": 20, "guidance": 4.0}), else from the pipeline's default (pipeline.py); the image size defaults to
-the size the model was trained at. Image i of -n N uses seed + i, so each PNG can be remade on its own: its
-text chunks record the prompt, seed, steps, sampler, guidance, eta and weights.
+{"steps": 20, "guidance": 4.0}), else from the pipeline's default, and the image size defaults to the size
+the model was trained at: exactly as the Python call (pipeline.settings resolves and checks both, before any
+weight is read). --steps is the pipelines' num_inference_steps, --guidance their guidance_scale. Image i of
+-n N uses seed + i, so each PNG can be remade on its own: its text chunks record the prompt, seed, steps,
+sampler, guidance, eta and weights.
 
 Exit codes: 0 done; 1 a failure while running (verify: a stage failed); 2 a bad argument (argparse's).
 """
@@ -23,24 +25,24 @@ Exit codes: 0 done; 1 a failure while running (verify: a stage failed); 2 a bad 
 from __future__ import annotations
 
 import argparse
-import inspect
-import json
 import re
 import secrets
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
 from . import pipeline
-from .hub import HUB_ID, from_hub, load, resolve
-from .loading import DTYPES, EMBEDDED, build_empty, read_metadata
+from .hub import DownloadError, is_hub_id, load, resolve
+from .loading import DTYPES, build_empty, read_metadata
 from .verify import DEFAULT_PROMPT
 
 KINDS = {"txt2img": "txt2img", "sample": "unconditional", "upscale": "superres"}  # command -> model kind
 PIPELINES = {"txt2img": pipeline.txt2img, "sample": pipeline.unconditional, "upscale": pipeline.superres}
-# the command-line name of each pipeline argument that a file's "recommended" metadata may set
-SETTINGS = {"steps": "num_inference_steps", "guidance": "guidance_scale", "eta": "eta", "sampler": "sampler"}
+# the pipelines' argument names -> the command line's flags, for their error messages
+FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "eta": "--eta",
+         "sampler": "--sampler", "height": "--height", "width": "--width"}  # fmt: skip
 EXAMPLES = {
     "txt2img": 'ldm-mini txt2img "a red circle above a blue square" -n 2 --steps 20 --guidance 4 --seed 0',
     "sample": "ldm-mini sample --weights CompVis/ldm-celebahq-256 --steps 200 -n 4",
@@ -53,20 +55,15 @@ EXAMPLES = {
 
 # --- where the weights come from --------------------------------------------------------------------
 def weights_path(spec: str | None, parser: argparse.ArgumentParser) -> Path:
-    """--weights / FILE -> a converted file: an embedded name, an existing path, or a hub id."""
-    if spec is None or spec in EMBEDDED or Path(spec).exists() or not HUB_ID.match(spec):
-        try:
-            return resolve(spec)
-        except (FileNotFoundError, IsADirectoryError) as e:
-            parser.error(f"{e}. Give a converted .safetensors file or a hub id such as "
-                         "CompVis/ldm-text2im-large-256")  # fmt: skip
-    if not spec.endswith(".safetensors"):
-        try:
-            return from_hub(spec)
-        except (ValueError, OSError) as e:  # weights_tools' ConversionError is a ValueError
-            raise SystemExit(f"error: {e}") from e  # exit 1: a failed download is not a bad argument
-    parser.error(f"no weight file {spec!r}: give a converted .safetensors file, an embedded model "
-                 f"({', '.join(EMBEDDED)}) or a hub id (owner/name)")  # fmt: skip
+    """--weights / FILE -> a converted file (hub.resolve): an embedded name, an existing path, or a hub id."""
+    try:
+        return resolve(spec)
+    except (FileNotFoundError, IsADirectoryError) as e:
+        parser.error(
+            f"{e}. Give a converted .safetensors file or a hub id such as CompVis/ldm-text2im-large-256"
+        )
+    except (DownloadError, ValueError, OSError) as e:  # weights_tools' ConversionError is a ValueError
+        raise SystemExit(f"error: {e}") from e  # exit 1: a failed download is not a bad argument
 
 
 def pick_device(name: str, parser: argparse.ArgumentParser) -> torch.device:
@@ -78,27 +75,7 @@ def pick_device(name: str, parser: argparse.ArgumentParser) -> torch.device:
     return torch.device(name)
 
 
-# --- settings and output files ----------------------------------------------------------------------
-def pipeline_default(fn, name: str):
-    return inspect.signature(fn).parameters[name].default
-
-
-def settings(args, fn, meta: dict[str, str]) -> dict:
-    """Each setting the pipeline takes: from the command line, else the file's "recommended", else the
-    pipeline's default."""
-    try:
-        recommended = json.loads(meta.get("recommended") or "{}")
-    except json.JSONDecodeError as e:
-        print(f"warning: the file's recommended settings are not JSON ({e}); ignoring them", file=sys.stderr)
-        recommended = {}
-    params, out = inspect.signature(fn).parameters, {}
-    for key, name in SETTINGS.items():
-        if name in params:  # e.g. only txt2img takes guidance_scale
-            given = getattr(args, key)
-            out[key] = given if given is not None else recommended.get(key, params[name].default)
-    return out
-
-
+# --- output files ----------------------------------------------------------------------------------
 def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "image"
 
@@ -136,34 +113,38 @@ def prepare(args, parser) -> tuple[Path, object, dict, dict, list[Path], list[in
 
     -> (file, the pipeline's first argument (prompt, batch size 1 or image), its other arguments,
     the PNG text fields, the output paths, the seeds)."""
-    kind, fn = KINDS[args.command], PIPELINES[args.command]
+    kind = KINDS[args.command]
     if args.num_images < 1:
         parser.error(f"-n/--num-images must be >= 1, got {args.num_images}")
     path = weights_path(args.weights, parser)
     try:
-        meta = read_metadata(path)
-        m = build_empty(meta)  # the model on the meta device: its kind and sizes, no weight read
+        m = build_empty(
+            read_metadata(path)
+        )  # the model on the meta device: its kind and sizes, no weight read
     except ValueError as e:
         parser.error(str(e))
     if m.kind != kind:
         use = {v: k for k, v in KINDS.items()}[m.kind]
         parser.error(f"{path.name} holds a model of kind {m.kind!r}, not {kind!r}: use `ldm-mini {use}`")
-    s = settings(args, fn, meta)
-    T = m.schedule.num_train_timesteps
-    if not 1 <= s["steps"] <= T:
-        parser.error(f"--steps must be from 1 to {T} (the training timesteps), got {s['steps']}")
-    if s["eta"] < 0:
-        parser.error(f"--eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like), got {s['eta']}")
-    if s["eta"] != 0 and s["sampler"] != "ddim":
-        parser.error(f"--eta {s['eta']} needs --sampler ddim (the other samplers take no eta)")
-    call = {SETTINGS[k]: v for k, v in s.items()}
-    fields = dict(model=kind, weights=args.weights or "shapes", **s)  # PNG text chunks (+ seed, size)
-
+    given = dict(num_inference_steps=args.steps, eta=args.eta, sampler=args.sampler)
     if kind == "txt2img":
+        given["guidance_scale"] = args.guidance
+    if kind != "superres":
+        given.update(height=args.height, width=args.width)
+    try:  # the pipeline's own resolution and checks: the file's recommended settings, the trained size
+        s = pipeline.settings(m, kind, **given)
+    except ValueError as e:  # the same message, in the command line's names
+        message = re.sub(r"\b(\w+)='([^']*)'", r"\1 \2", str(e))  # sampler='ddim' -> sampler ddim
+        parser.error(re.sub(r"\b(\w+)\b", lambda w: FLAGS.get(w[1], w[1]), message))
+    call = {k: s[k] for k in given}  # every setting explicit: the PNG records what was used
+    fields = dict(model=kind, weights=args.weights or "shapes", steps=s["num_inference_steps"], eta=s["eta"],
+                  sampler=s["sampler"])  # fmt: skip
+    if kind == "txt2img":
+        fields["guidance"] = s["guidance_scale"]
         if m.tokenizer is None:
             parser.error(f"{path.name} has no tokenizer (it takes token ids): use the Python API")
         first, fields["prompt"], stem = args.prompt, args.prompt, slug(args.prompt)
-    if kind == "superres":
+    elif kind == "superres":
         from PIL import Image
 
         try:
@@ -174,14 +155,7 @@ def prepare(args, parser) -> tuple[Path, object, dict, dict, list[Path], list[in
             parser.error(f"{args.image} is {first.size[0]}x{first.size[1]}: the input must be at least 32x32")
         fields["image"], stem = args.image, f"{slug(Path(args.image).stem)}-x{m.downsample_factor}"
     else:
-        f, native = m.downsample_factor, m.unet.config.image_size * m.downsample_factor
-        h, w = args.height or native, args.width or native
-        if h < f or w < f or h % f or w % f:
-            parser.error(f"--height/--width must be positive multiples of {f} (the autoencoder factor), "
-                         f"got {h}x{w}")  # fmt: skip
-        call.update(height=h, width=w)
-        if kind == "unconditional":
-            first, stem = 1, "sample"  # batch size 1: one pipeline call per seed
+        first, stem = 1, "sample"  # batch size 1: one pipeline call per seed
 
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     seeds = [seed + i for i in range(args.num_images)]
@@ -213,6 +187,14 @@ def run_info(args, parser) -> int:
 
     path = weights_path(args.file, parser)
     try:
+        if args.vocab:  # the tokenizer's vocabulary, one token per line (line number = id)
+            vocab = read_metadata(path).get("tokenizer_vocab")
+            if not vocab:
+                parser.error(
+                    f"{path.name} has no tokenizer vocabulary (kind {read_metadata(path).get('kind')!r})"
+                )
+            print(vocab, end="")
+            return 0
         print(summary(path))
         if recommended := read_metadata(path).get("recommended"):
             print(f"{'recommended':13} {recommended}")
@@ -229,7 +211,7 @@ def run_verify(args, parser) -> int:
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     ref = args.reference
-    if ref is not None and not Path(ref).is_dir() and not HUB_ID.match(ref):
+    if ref is not None and not Path(ref).is_dir() and not is_hub_id(ref):
         parser.error(f"--reference {ref}: give a diffusers pipeline folder or a hub id (owner/name)")
     try:
         stages = verify(path, reference=ref, device=str(device), steps=args.steps, seed=args.seed,
@@ -244,17 +226,13 @@ def run_verify(args, parser) -> int:
 
 # --- the parser -------------------------------------------------------------------------------------
 def add_sampling_options(p: argparse.ArgumentParser, command: str) -> None:
-    fn = PIPELINES[command]
+    defaults = pipeline.DEFAULTS[KINDS[command]]
     p.add_argument("--weights", help="converted .safetensors file, embedded name or hub id (default: shapes)")
-    default = pipeline_default(fn, "num_inference_steps")
-    p.add_argument(
-        "--steps", type=int, help=f"sampling steps (default: the file's recommended, else {default})"
-    )
+    p.add_argument("--steps", type=int, help="sampling steps, the pipelines' num_inference_steps "
+                   f"(default: the file's recommended, else {defaults['num_inference_steps']})")  # fmt: skip
     if command == "txt2img":
-        default = pipeline_default(fn, "guidance_scale")
-        p.add_argument(
-            "--guidance", type=float, help=f"classifier-free guidance scale, 1: none (default {default})"
-        )
+        p.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1: none (default: the "
+                       f"file's recommended, else {defaults['guidance_scale']})")  # fmt: skip
     p.add_argument("--eta", type=float, help="DDIM eta: 0 deterministic (default), 1 DDPM-like")
     p.add_argument("--sampler", choices=tuple(pipeline.SAMPLERS), help="default ddim")
     p.add_argument(
@@ -295,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("info", "Show what a weight file holds: kind, configs, parameters, dtype, size.")
     p.add_argument("file", help="converted .safetensors file, embedded name or hub id")
+    p.add_argument("--vocab", action="store_true", help="print the tokenizer's vocabulary, one token a line")
     p = command("verify", "Compare ldm_mini with diffusers on the same weights, stage by stage.")
     p.add_argument("file", help="converted .safetensors file, embedded name or hub id")
     p.add_argument("--reference", help="the diffusers folder or hub id the file was converted from "
@@ -310,7 +289,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def warning_line(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"  # a library warning (an unknown word, say) as one line, not a stack frame
+
+
 def main(argv: list[str] | None = None) -> int:
+    format_before, warnings.formatwarning = warnings.formatwarning, warning_line
+    try:
+        return run(argv)
+    finally:
+        warnings.formatwarning = format_before
+
+
+def run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -113,11 +113,23 @@ def build_empty(meta: dict[str, str]) -> LatentDiffusion:
         scale_factor=float(meta["scale_factor"]),
         text_encoder=text_encoder,
         tokenizer=Tokenizer.from_vocab(vocab) if vocab else None,
+        recommended=recommended_of(meta),
     )
 
 
+def recommended_of(meta: dict[str, str]) -> dict | None:
+    """The file's recommended sampler settings (JSON), or a ValueError that names the field."""
+    if not meta.get("recommended"):
+        return None
+    try:
+        return json.loads(meta["recommended"])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"the file's 'recommended' metadata is not valid JSON ({e})") from e
+
+
 def metadata_of(model: LatentDiffusion, source: str = "", recommended: dict | None = None) -> dict[str, str]:
-    """The metadata that describes a live model (used to save a trained model)."""
+    """The metadata that describes a live model (used to save a trained model); recommended: the model's own
+    model.recommended unless given."""
     return make_metadata(
         kind=model.kind,
         unet=model.unet.config,
@@ -127,7 +139,7 @@ def metadata_of(model: LatentDiffusion, source: str = "", recommended: dict | No
         text_encoder=model.text_encoder.config if model.text_encoder is not None else None,
         vocab=model.tokenizer.vocab_text if model.tokenizer is not None else None,
         source=source,
-        recommended=recommended,
+        recommended=model.recommended if recommended is None else recommended,
     )
 
 

@@ -10,10 +10,14 @@ train a diffusion model not on pixels x but on the latent z = E(x) of a pretrain
     text_encoder  tau_theta(y): LDMBert, prompt -> (B, 77, D) context (text-to-image only)
 
 and the few numbers that tie them together: the noise schedule alpha-bar_t and the latent scale
-factor. Samplers (samplers.py) and pipelines (pipeline.py) only talk to the methods below.
+factor, plus what the weights' source says about using them: the image size the model was trained at
+(`default_size`) and the sampler settings it is meant to be sampled with (`recommended`). Samplers
+(samplers.py) and pipelines (pipeline.py) only talk to the methods below.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +29,25 @@ from .tokenizer import Tokenizer
 from .unet import UNet
 
 KINDS = ("txt2img", "unconditional", "superres")
+# The settings a weight file may recommend (its "recommended" metadata), with their types. The keys are the
+# command line's names: steps = num_inference_steps, guidance = guidance_scale.
+RECOMMENDABLE = {"steps": int, "guidance": float, "eta": float, "sampler": str}
+
+
+def check_recommended(recommended: dict) -> dict:
+    """Raise a ValueError naming the field unless every recommended setting is known and of its type."""
+    if not isinstance(recommended, dict):
+        raise ValueError(f"the recommended settings must be a JSON object, got {type(recommended).__name__}")
+    for key, value in recommended.items():
+        want = RECOMMENDABLE.get(key)
+        if want is None:
+            raise ValueError(
+                f"unknown recommended setting {key!r}: the known ones are {sorted(RECOMMENDABLE)}"
+            )
+        ok = isinstance(value, want) or (want is float and isinstance(value, int))
+        if not ok or isinstance(value, bool):
+            raise ValueError(f"the recommended {key!r} must be a {want.__name__}, got {value!r}")
+    return dict(recommended)
 
 
 class LatentDiffusion(nn.Module):
@@ -45,6 +68,7 @@ class LatentDiffusion(nn.Module):
         scale_factor: float,
         text_encoder: LDMBert | None = None,
         tokenizer: Tokenizer | None = None,
+        recommended: dict | None = None,
     ):
         super().__init__()
         if kind not in KINDS:
@@ -60,6 +84,9 @@ class LatentDiffusion(nn.Module):
         # LDM Sec. 4.3.2 / Appendix: the KL latent is rescaled to roughly unit variance before diffusion
         # (z = 0.18215 * E(x) for KL-f8). The VQ-f4 models of the paper use 1.0, i.e. no rescaling.
         self.scale_factor = float(scale_factor)
+        # e.g. {"steps": 20, "guidance": 2.0}: what the pipelines and the command line use when a setting is
+        # not given (see RECOMMENDABLE); {} for the published models, which use diffusers' defaults.
+        self.recommended = check_recommended(recommended or {})
         # alpha-bar_t of DDPM Eq. 4, computed in float32 exactly as diffusers does; not saved in the file
         # (it follows from `schedule`), but moved with .to(device).
         self.register_buffer("alphas_cumprod", make_alphas_cumprod(schedule), persistent=False)
@@ -72,6 +99,14 @@ class LatentDiffusion(nn.Module):
     @property
     def downsample_factor(self) -> int:
         return self.autoencoder.downsample_factor
+
+    @property
+    def default_size(self) -> int:
+        """The side, in pixels, of the images the model was trained to make: the UNet's latent size times the
+        autoencoder factor (diffusers: unet.config.sample_size * vae_scale_factor). 256 for the published
+        models, 64 for the embedded shapes model; a super-resolution model's output for a low-res input of
+        the latent size."""
+        return self.unet.config.image_size * self.downsample_factor
 
     @property
     def device(self) -> torch.device:
@@ -90,6 +125,14 @@ class LatentDiffusion(nn.Module):
             raise ValueError(
                 "this model has no tokenizer (its BERTEmbedder was trained with use_tokenizer: false): "
                 "pass token ids to encode_text() directly"
+            )
+        if unknown := self.tokenizer.unknown_words(prompts):
+            warnings.warn(
+                f"this model's vocabulary has no {', '.join(map(repr, unknown))}: such words become [UNK] "
+                f"or letter pieces, which the model never saw. Its {self.tokenizer.vocab_size} tokens are "
+                "listed by `ldm-mini info WEIGHTS --vocab` (in Python: m.tokenizer.vocab_text)",
+                UserWarning,
+                stacklevel=2,
             )
         return self.tokenizer(prompts).to(self.device)
 

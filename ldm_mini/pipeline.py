@@ -4,9 +4,18 @@
     unconditional  LDMPipeline                 noise -> sampler -> decode (ldm-celebahq-256)
     superres       LDMSuperResolutionPipeline  low-res image concatenated to z_t at every step -> decode
 
-Same defaults, argument meanings and random draws as diffusers 0.42.1, so the same seed gives the same
-image: x_T = torch.randn(shape, generator=generator), then (DDIM with eta > 0, DDPM) one draw of the
-step noise per step from the same generator. Where diffusers is wrong, ldm_mini is right:
+Same argument names, meanings and random draws as diffusers 0.42.1, so the same seed gives the same image:
+x_T = torch.randn(shape, generator=generator), then (DDIM with eta > 0, DDPM) one draw of the step noise
+per step from the same generator. Everything after the prompt (or batch size, or image) is keyword-only, so
+`txt2img(m, prompt, 256, 256)` is an error rather than 256 steps at guidance 256.
+
+Defaults. A setting left as None comes from the weight file's recommended settings (m.recommended, e.g. the
+embedded shapes model's 20 steps at guidance 2), else from diffusers' pipeline defaults (DEFAULTS below);
+the image size defaults to the size the model was trained at (m.default_size: 256 for the published models,
+64 for the shapes model). The command line resolves its settings with the same function, `settings`, before
+it reads any weight, so a call from Python and from the command line give the same image.
+
+Where diffusers is wrong, ldm_mini is right:
   - eta > 0: diffusers' pipelines never pass their generator to scheduler.step(), so the step noise
     comes from the global RNG; here it comes from `generator` (or from `noise`, given explicitly).
   - txt2img latent size: diffusers hard-codes height // 8; here height // m.downsample_factor.
@@ -15,13 +24,13 @@ step noise per step from the same generator. Where diffusers is wrong, ldm_mini 
     scale_model_input, but to the concatenation, scaling the low-res image too; here only z_t.)
   - VQ latents: LDMPipeline divides by vqvae.config.scaling_factor, 0.18215 when the config lacks the key
     (diffusers issue 6725); here m.decode divides by m.scale_factor, 1.0 for the VQ models of the paper.
-Every sampler setting of the weights' source (m.schedule) can be overridden per call through
-**sampler_overrides, e.g. steps_offset=0, set_alpha_to_one=True, timestep_spacing="trailing".
+The timestep conventions of the weights' source (m.schedule) can be overridden per call: steps_offset,
+set_alpha_to_one (DDIM, PLMS) and timestep_spacing.
 """
 
 from __future__ import annotations
 
-import inspect
+import math
 
 import numpy as np
 import PIL.Image
@@ -29,43 +38,97 @@ import torch
 from torch import Tensor
 
 from . import samplers
+from .model import RECOMMENDABLE
 from .tiling import TiledModel
 
 SAMPLERS = {"ddim": samplers.ddim, "plms": samplers.plms, "lms": samplers.lms, "ddpm": samplers.ddpm}
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-SET_BY_PIPELINE = {"m", "x_T", "num_steps", "cond", "uncond", "guidance_scale", "eta", "noise", "generator",
-                   "callback", "progress"}  # fmt: skip
+PIPELINE_OF = {"txt2img": "ldm_mini.txt2img", "unconditional": "ldm_mini.unconditional",
+               "superres": "ldm_mini.superres"}  # fmt: skip
+# diffusers 0.42.1's defaults (LDMTextToImagePipeline, LDMPipeline, LDMSuperResolutionPipeline), used when
+# neither the call nor the weight file's recommended settings give a value.
+DEFAULTS = {
+    "txt2img": {"num_inference_steps": 50, "guidance_scale": 1.0, "eta": 0.0, "sampler": "ddim"},
+    "unconditional": {"num_inference_steps": 50, "eta": 0.0, "sampler": "ddim"},
+    "superres": {"num_inference_steps": 100, "eta": 0.0, "sampler": "ddim"},
+}
+FILE_NAME = {"num_inference_steps": "steps", "guidance_scale": "guidance", "eta": "eta", "sampler": "sampler"}
+assert set(FILE_NAME.values()) == set(RECOMMENDABLE)
+# the options each sampler takes beyond (m, x_T, num_steps, cond, uncond, guidance_scale)
+SAMPLER_OPTIONS = {
+    "ddim": {"eta", "noise", "steps_offset", "set_alpha_to_one", "timestep_spacing"},
+    "plms": {"steps_offset", "set_alpha_to_one", "timestep_spacing"},
+    "lms": {"steps_offset", "timestep_spacing"},
+    "ddpm": {"noise", "steps_offset", "timestep_spacing"},
+}
 
 
-# --- checks: all before any compute ------------------------------------------------------------------
-def _check_call(m, kind, num_steps, sampler, output_type, eta, noise, overrides) -> None:
+# --- settings: every check before any compute ----------------------------------------------------------
+def settings(m, kind: str, *, num_inference_steps=None, guidance_scale=None, eta=None, sampler=None,
+             height=None, width=None, steps_offset=None, set_alpha_to_one=None, timestep_spacing=None,
+             output_type="pil") -> dict:  # fmt: skip
+    """The settings of one pipeline call, each as given, else m.recommended, else DEFAULTS[kind]; checked.
+
+    m may be a model on the meta device (the command line checks its arguments before reading any weight):
+    only its kind, schedule, sizes and recommended settings are read. Raises a ValueError naming the bad
+    setting and the fix. -> {"num_inference_steps", "eta", "sampler", ["guidance_scale"], ["height",
+    "width"], "options": the sampler's own options (eta, the conventions given)}.
+    """
     if m.kind != kind:
-        hint = {"txt2img": "ldm_mini.txt2img", "unconditional": "ldm_mini.unconditional",
-                "superres": "ldm_mini.superres"}[m.kind]  # fmt: skip
-        raise ValueError(f"{kind} needs a {kind!r} model; this one is {m.kind!r}: use {hint}(m, ...)")
-    T = m.alphas_cumprod.shape[0]
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= T:
-        raise ValueError(f"num_inference_steps must be an integer from 1 to {T}, got {num_steps!r}")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}: use one of {tuple(SAMPLERS)}")
+        raise ValueError(f"{PIPELINE_OF[kind]} needs a {kind!r} model; this one is {m.kind!r}: "
+                         f"use {PIPELINE_OF[m.kind]}(m, ...)")  # fmt: skip
+    given = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "eta": eta,
+             "sampler": sampler}  # fmt: skip
+    s = {}
+    for name, default in DEFAULTS[kind].items():  # as given, else the file's, else diffusers'
+        value = given[name]
+        s[name] = value if value is not None else m.recommended.get(FILE_NAME[name], default)
+    if kind != "txt2img" and guidance_scale is not None:
+        raise ValueError(f"{PIPELINE_OF[kind]} takes no guidance_scale: only text-to-image models are guided")
+
+    T = m.schedule.num_train_timesteps
+    steps = s["num_inference_steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+        raise ValueError(f"num_inference_steps must be from 1 to {T} (the training timesteps), got {steps!r}")
+    if s["sampler"] not in SAMPLERS:
+        raise ValueError(f"unknown sampler {s['sampler']!r}: use one of {tuple(SAMPLERS)}")
+    for name in ("guidance_scale", "eta"):
+        value = s.get(name, 0.0)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if s["eta"] < 0:
+        raise ValueError(f"eta must be >= 0, got {s['eta']}: DDIM needs eta >= 0 (0: deterministic, "
+                         "1: DDPM-like)")  # fmt: skip
+    if s["eta"] != 0 and s["sampler"] != "ddim":
+        raise ValueError(f"eta={s['eta']} needs sampler='ddim': the other samplers take no eta")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"unknown output_type {output_type!r}: use one of {OUTPUT_TYPES}")
-    if eta < 0 or (eta != 0 and sampler != "ddim"):
-        raise ValueError(f"eta={eta} needs sampler='ddim' and eta >= 0 (0: deterministic DDIM, 1: DDPM-like)")
-    if noise is not None and sampler not in ("ddim", "ddpm"):
-        raise ValueError(f"sampler {sampler!r} is deterministic: it takes no per-step noise=")
-    allowed = set(inspect.signature(SAMPLERS[sampler]).parameters) - SET_BY_PIPELINE
-    if unknown := sorted(set(overrides) - allowed):
-        raise ValueError(f"sampler {sampler!r} has no option(s) {unknown}: its options are {sorted(allowed)}")
 
+    options = {"eta": s["eta"]} if s["sampler"] == "ddim" else {}
+    conventions = {"steps_offset": steps_offset, "set_alpha_to_one": set_alpha_to_one,
+                   "timestep_spacing": timestep_spacing}  # fmt: skip
+    for name, value in conventions.items():
+        if value is not None:
+            if name not in SAMPLER_OPTIONS[s["sampler"]]:
+                having = [k for k, v in SAMPLER_OPTIONS.items() if name in v]
+                raise ValueError(f"sampler {s['sampler']!r} has no option {name}: drop it, or use a sampler "
+                                 f"that has it ({', '.join(having)})")  # fmt: skip
+            options[name] = value
+    # the timestep sequence is checked here, before any compute (a bad spacing or offset raises)
+    samplers.ddim_timesteps(steps, T, _or(steps_offset, m.schedule.steps_offset),
+                            _or(timestep_spacing, m.schedule.timestep_spacing))  # fmt: skip
+    s["options"] = options
 
-def _check_size(m, height, width) -> tuple[int, int]:
-    """Image size -> latent size (h, w); the image size must be a multiple of the autoencoder's factor."""
-    f = m.downsample_factor
-    for name, v in (("height", height), ("width", width)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < f or v % f:
-            raise ValueError(f"{name} must be a positive multiple of {f} (the autoencoder factor), got {v!r}")
-    return height // f, width // f
+    if kind != "superres":  # super-resolution takes its size from the image
+        f = m.downsample_factor
+        s["height"], s["width"] = _or(height, m.default_size), _or(width, m.default_size)
+        for name in ("height", "width"):
+            v = s[name]
+            if isinstance(v, bool) or not isinstance(v, int) or v < f or v % f:
+                raise ValueError(f"{name} must be a positive multiple of {f}, got {v!r} (height and width: "
+                                 f"multiples of {f}, the autoencoder factor; the model was trained at "
+                                 f"{m.default_size})")  # fmt: skip
+    return s
 
 
 def _check_tensor(name, x, shape) -> None:
@@ -74,28 +137,36 @@ def _check_tensor(name, x, shape) -> None:
         raise ValueError(f"{name} must be a tensor of shape {tuple(shape)}, got {got}")
 
 
+def _check_generator(generator, batch: int) -> None:
+    if isinstance(generator, list) and len(generator) != batch:
+        raise ValueError(f"generator is a list of {len(generator)} generators for a batch of {batch}: "
+                         "give one per image, or a single generator")  # fmt: skip
+
+
 def _or(value, default):
     return default if value is None else value
 
 
 # --- the shared body -------------------------------------------------------------------------------
 def _initial_noise(m, shape, generator, latents) -> Tensor:
-    """x_T ~ N(0, I): drawn on the generator's device in the model's dtype, as diffusers' randn_tensor."""
+    """x_T ~ N(0, I): drawn on the generator's device in the model's dtype, as diffusers' randn_tensor; with
+    a list of generators, image i is drawn from generator[i] alone (so it equals a batch-of-one call)."""
     if latents is not None:
         return latents.to(m.device, m.dtype)
-    device = generator.device if generator is not None else m.device
-    return torch.randn(shape, generator=generator, device=device, dtype=m.dtype).to(m.device)
+    return samplers.randn(shape, generator, m.device, m.dtype)
 
 
-def _sample(m, x_T, num_steps, sampler, cond, uncond, guidance_scale, eta, noise, generator, callback,
-            progress, return_intermediates, attention_layer, overrides):  # fmt: skip
+def _sample(m, x_T, s, cond, uncond, noise, generator, callback, progress, return_intermediates,
+            attention_layer):  # fmt: skip
     """Run one sampler; optionally record x_t, predicted x_0 and one layer's cross-attention per step."""
-    kwargs = dict(cond=cond, uncond=uncond, guidance_scale=guidance_scale, progress=progress, **overrides)
-    if sampler in ("ddim", "ddpm"):  # the per-step noise: explicit, or from the generator of x_T
+    sampler = s["sampler"]
+    if noise is not None and "noise" not in SAMPLER_OPTIONS[sampler]:
+        raise ValueError(f"sampler {sampler!r} is deterministic: it takes no per-step noise=")
+    kwargs = dict(cond=cond, uncond=uncond, guidance_scale=s.get("guidance_scale", 1.0), progress=progress,
+                  **s["options"])  # fmt: skip
+    if "noise" in SAMPLER_OPTIONS[sampler]:  # the per-step noise: explicit, or from the generator of x_T
         kwargs.update(noise=None if noise is None else noise.to(x_T.device, x_T.dtype),
                       generator=generator if noise is None else None)  # fmt: skip
-    if sampler == "ddim":
-        kwargs["eta"] = eta
     trace = {"timesteps": [], "x_t": [], "x0": []} if return_intermediates else {}  # {}: nothing asked
     layer, handle, maps = None, None, []  # maps: the attention of each UNet call of the current step
     if attention_layer is not None:
@@ -107,7 +178,7 @@ def _sample(m, x_T, num_steps, sampler, cond, uncond, guidance_scale, eta, noise
     def on_step(info):  # samplers call this after each step with {"i", "t", "z", "x0"}
         if return_intermediates:
             trace["timesteps"].append(info["t"])
-            trace["x_t"].append(info["z"])  # lms: the sigma-space state, z_t * sqrt(1 + sigma^2)
+            trace["x_t"].append(info["z"])
             trace["x0"].append(info["x0"])
         if layer is not None:  # the first call of a step sees x_t at t (PLMS's step 0 makes two)
             trace["attention"].append(maps[0].cpu())
@@ -117,7 +188,9 @@ def _sample(m, x_T, num_steps, sampler, cond, uncond, guidance_scale, eta, noise
 
     wanted = return_intermediates or layer is not None or callback is not None
     try:
-        z0 = SAMPLERS[sampler](m, x_T, num_steps, callback=on_step if wanted else None, **kwargs)
+        z0 = SAMPLERS[sampler](
+            m, x_T, s["num_inference_steps"], callback=on_step if wanted else None, **kwargs
+        )
     finally:  # nothing is kept when the call is over
         if layer is not None:
             handle.remove()
@@ -139,62 +212,72 @@ def _output(m, z0, output_type, trace):
 
 # --- the three pipelines ---------------------------------------------------------------------------
 @torch.no_grad()
-def txt2img(m, prompt: str | list[str], num_inference_steps=50, guidance_scale=1.0, eta=0.0, height=256,
-            width=256, generator=None, noise=None, sampler="ddim", output_type="pil", callback=None,
-            progress=True, latents=None, return_intermediates=False, attention_layer=None,
-            **sampler_overrides):  # fmt: skip
+def txt2img(m, prompt: str | list[str], *, num_inference_steps=None, guidance_scale=None, eta=None,
+            height=None, width=None, sampler=None, generator=None, latents=None, noise=None,
+            output_type="pil", callback=None, progress=True, return_intermediates=False, attention_layer=None,
+            steps_offset=None, set_alpha_to_one=None, timestep_spacing=None):  # fmt: skip
     """Text to image (LDMTextToImagePipeline). A list of prompts makes a batch. guidance_scale != 1 runs
     classifier-free guidance with "" as the unconditional prompt (the model card: 6.0, eta 0.3).
 
-    latents: x_T (B, c, h, w) instead of a draw; noise: the per-step noise (num_steps, B, c, h, w) of
-    DDIM (eta > 0) / DDPM. sampler: "ddim" | "plms" | "lms" | "ddpm". return_intermediates: also return
-    {"timesteps", "x_t", "x0"} (one entry per step); attention_layer: a name from
-    m.unet.cross_attention_layers(): also return its maps (B, heads, h*w, 77) per step in ["attention"].
-    With either, the result is (images, intermediates).
+    None settings: m.recommended, else diffusers' defaults (50 DDIM steps, guidance 1.0, eta 0); height and
+    width: m.default_size. generator: a torch.Generator, or a list of one per prompt (image i then equals
+    the batch-of-one image of generator[i]). latents: x_T (B, c, h, w) instead of a draw; noise: the
+    per-step noise (num_inference_steps, B, c, h, w) of DDIM (eta > 0) / DDPM. sampler: "ddim" | "plms" |
+    "lms" | "ddpm". return_intermediates: also return {"timesteps", "x_t", "x0"} (one entry per step);
+    attention_layer: a name from m.unet.cross_attention_layers(): also return its maps (B, heads, h*w, 77)
+    per step in ["attention"]. With either, the result is (images, intermediates).
     """
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list | tuple) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-    _check_call(m, "txt2img", num_inference_steps, sampler, output_type, eta, noise, sampler_overrides)
+    s = settings(m, "txt2img", num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                 eta=eta, sampler=sampler, height=height, width=width, steps_offset=steps_offset,
+                 set_alpha_to_one=set_alpha_to_one, timestep_spacing=timestep_spacing,
+                 output_type=output_type)  # fmt: skip
     if m.tokenizer is None:
         raise ValueError("this model has no tokenizer: build the context with m.encode_text(ids) and call "
                          "samplers.ddim(m, x_T, cond=context) directly")  # fmt: skip
     names = [name for name, _ in m.unet.cross_attention_layers()]
     if attention_layer is not None and attention_layer not in names:
         raise ValueError(f"no cross-attention layer {attention_layer!r}: use one of {names}")
-    shape = (len(prompts), m.latent_channels, *_check_size(m, height, width))  # diffusers: height // 8
+    f = m.downsample_factor
+    shape = (len(prompts), m.latent_channels, s["height"] // f, s["width"] // f)  # diffusers: height // 8
     _check_tensor("latents", latents, shape)
-    _check_tensor("noise", noise, (num_inference_steps, *shape))
+    _check_tensor("noise", noise, (s["num_inference_steps"], *shape))
+    _check_generator(generator, len(prompts))
 
     cond = m.encode_text(m.tokenize(list(prompts)))  # (B, 77, D)
-    uncond = m.encode_text(m.tokenize([""] * len(prompts))) if guidance_scale != 1.0 else None
+    uncond = m.encode_text(m.tokenize([""] * len(prompts))) if s["guidance_scale"] != 1.0 else None
     x_T = _initial_noise(m, shape, generator, latents)
-    z0, trace = _sample(m, x_T, num_inference_steps, sampler, cond, uncond, guidance_scale, eta, noise,
-                        generator, callback, progress, return_intermediates, attention_layer,
-                        sampler_overrides)  # fmt: skip
+    z0, trace = _sample(m, x_T, s, cond, uncond, noise, generator, callback, progress, return_intermediates,
+                        attention_layer)  # fmt: skip
     return _output(m, z0, output_type, trace)
 
 
 @torch.no_grad()
-def unconditional(m, batch_size=1, num_inference_steps=50, eta=0.0, generator=None, noise=None,
-                  sampler="ddim", output_type="pil", height=None, width=None, callback=None, progress=True,
-                  latents=None, return_intermediates=False, **sampler_overrides):  # fmt: skip
+def unconditional(m, batch_size: int = 1, *, num_inference_steps=None, eta=None, height=None, width=None,
+                  sampler=None, generator=None, latents=None, noise=None, output_type="pil", callback=None,
+                  progress=True, return_intermediates=False, steps_offset=None, set_alpha_to_one=None,
+                  timestep_spacing=None):  # fmt: skip
     """Unconditional samples (LDMPipeline; the ldm-celebahq-256 card uses 200 steps).
 
-    height/width default to the size the model was trained at, as diffusers (unet.config.sample_size
-    times the autoencoder factor: 256 for ldm-celebahq-256). Other arguments as txt2img.
+    height/width default to the size the model was trained at, m.default_size, as diffusers
+    (unet.config.sample_size times the autoencoder factor: 256 for ldm-celebahq-256). Others as txt2img.
     """
-    _check_call(m, "unconditional", num_inference_steps, sampler, output_type, eta, noise, sampler_overrides)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    native = m.unet.config.image_size * m.downsample_factor
-    shape = (batch_size, m.latent_channels, *_check_size(m, _or(height, native), _or(width, native)))
+    s = settings(m, "unconditional", num_inference_steps=num_inference_steps, eta=eta, sampler=sampler,
+                 height=height, width=width, steps_offset=steps_offset, set_alpha_to_one=set_alpha_to_one,
+                 timestep_spacing=timestep_spacing, output_type=output_type)  # fmt: skip
+    f = m.downsample_factor
+    shape = (batch_size, m.latent_channels, s["height"] // f, s["width"] // f)
     _check_tensor("latents", latents, shape)
-    _check_tensor("noise", noise, (num_inference_steps, *shape))
+    _check_tensor("noise", noise, (s["num_inference_steps"], *shape))
+    _check_generator(generator, batch_size)
 
     x_T = _initial_noise(m, shape, generator, latents)
-    z0, trace = _sample(m, x_T, num_inference_steps, sampler, None, None, 1.0, eta, noise, generator,
-                        callback, progress, return_intermediates, None, sampler_overrides)  # fmt: skip
+    z0, trace = _sample(m, x_T, s, None, None, noise, generator, callback, progress, return_intermediates,
+                        None)  # fmt: skip
     return _output(m, z0, output_type, trace)
 
 
@@ -222,23 +305,29 @@ def low_res_image(image) -> Tensor:
 
 
 @torch.no_grad()
-def superres(m, image, num_inference_steps=100, eta=0.0, generator=None, noise=None, sampler="ddim",
-             output_type="pil", callback=None, progress=True, latents=None, return_intermediates=False,
-             decode_tile=None, unet_tile=None, **sampler_overrides):  # fmt: skip
+def superres(m, image, *, num_inference_steps=None, eta=None, sampler=None, generator=None, latents=None,
+             noise=None, output_type="pil", callback=None, progress=True, return_intermediates=False,
+             decode_tile=None, unet_tile=None, steps_offset=None, set_alpha_to_one=None,
+             timestep_spacing=None):  # fmt: skip
     """4x super-resolution (LDMSuperResolutionPipeline; the model card uses eta=1). The latent has the
     low-res image's size (VQ-f4: the output is 4x larger); the image is concatenated to z_t at every step.
     image: see low_res_image. decode_tile / unet_tile: run the decoder / UNet in overlapping tiles of this
-    many latent pixels (ldm_mini.tiling; e.g. decode_tile=128 for a 512x512 input). Others as txt2img."""
+    many latent pixels (ldm_mini.tiling; e.g. decode_tile=128 for a 512x512 input). None settings:
+    m.recommended, else diffusers' defaults (100 DDIM steps, eta 0). Others as txt2img."""
+    s = settings(m, "superres", num_inference_steps=num_inference_steps, eta=eta, sampler=sampler,
+                 steps_offset=steps_offset, set_alpha_to_one=set_alpha_to_one,
+                 timestep_spacing=timestep_spacing, output_type=output_type)  # fmt: skip
     if decode_tile is not None or unet_tile is not None:
         m = TiledModel(m, decode_tile=decode_tile, unet_tile=unet_tile)
-    _check_call(m, "superres", num_inference_steps, sampler, output_type, eta, noise, sampler_overrides)
     low = low_res_image(image)
     shape = (low.shape[0], m.latent_channels, *low.shape[-2:])
     _check_tensor("latents", latents, shape)
-    _check_tensor("noise", noise, (num_inference_steps, *shape))
+    _check_tensor("noise", noise, (s["num_inference_steps"], *shape))
+    _check_generator(generator, low.shape[0])
 
     x_T = _initial_noise(m, shape, generator, latents)
     low = low.to(m.device, m.dtype)
-    z0, trace = _sample(m, x_T, num_inference_steps, sampler, low, None, 1.0, eta, noise, generator, callback,
-                        progress, return_intermediates, None, sampler_overrides)  # fmt: skip
+    z0, trace = _sample(
+        m, x_T, s, low, None, noise, generator, callback, progress, return_intermediates, None
+    )
     return _output(m, z0, output_type, trace)

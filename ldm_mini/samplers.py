@@ -119,10 +119,20 @@ def _or(value, default):
     return default if value is None else value
 
 
-def _randn(like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard normal noise shaped like `like`, drawn on the generator's device (as diffusers does)."""
-    device = generator.device if generator is not None else like.device
-    return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+def randn(shape, generator, device, dtype) -> Tensor:
+    """Standard normal noise (B, ...) on `device`, drawn on the generator's device as diffusers' randn_tensor.
+    generator: None (the global RNG), one torch.Generator for the batch, or a list of B generators: row i
+    drawn from generator[i] alone, so each image is the one its generator gives in a batch of one."""
+    if isinstance(generator, list | tuple):
+        rows = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
+        return torch.cat([r.to(device) for r in rows])
+    where = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
+
+
+def _randn(like: Tensor, generator) -> Tensor:
+    """Step noise shaped like `like` (see randn)."""
+    return randn(like.shape, generator, like.device, like.dtype)
 
 
 def _check(m, x_T, num_steps, cond, uncond, guidance_scale, noise=None, generator=None):

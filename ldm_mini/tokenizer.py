@@ -44,6 +44,7 @@ class Tokenizer:
         backend.no_padding()
         self.backend, self.max_length = backend, max_length
         self.pad_id, self.cls_id, self.sep_id = vocab["[PAD]"], vocab["[CLS]"], vocab["[SEP]"]
+        self.unk_id = vocab["[UNK]"]
 
     @classmethod
     def from_vocab(cls, text_or_path: str | os.PathLike, max_length: int = 77) -> "Tokenizer":
@@ -84,6 +85,29 @@ class Tokenizer:
             ids = [self.cls_id, *enc.ids[: self.max_length - 2], self.sep_id]  # stage 4: cut, keep [SEP]
             rows.append(ids + [self.pad_id] * (self.max_length - len(ids)))
         return torch.tensor(rows, dtype=torch.long)  # (B, max_length)
+
+    def unknown_words(self, prompts: str | list[str]) -> list[str]:
+        """The words of the prompts that this vocabulary does not know, as typed, each once, in order.
+
+        A word is unknown when WordPiece cannot spell it (it becomes [UNK]) or can spell it only letter by
+        letter (d ##o ##g): no piece longer than one character matched, so whatever the model learnt, it was
+        not this word. (A word split into longer pieces, photo ##real ##istic, is ordinary BERT usage.)
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        found = []
+        for prompt in prompts:
+            enc = self.backend.encode(prompt, add_special_tokens=False)
+            words: dict[int, list[int]] = {}  # word index -> positions of its pieces
+            for position, word_index in enumerate(enc.word_ids):
+                words.setdefault(word_index, []).append(position)
+            for positions in words.values():
+                pieces = [enc.tokens[p] for p in positions]
+                spelled = len(pieces) > 1 and all(len(p.removeprefix("##")) == 1 for p in pieces)
+                unk = any(enc.ids[p] == self.unk_id for p in positions)
+                word = prompt[enc.offsets[positions[0]][0] : enc.offsets[positions[-1]][1]]
+                if (spelled or (unk and word != "[UNK]")) and word.lower() not in map(str.lower, found):
+                    found.append(word)
+        return found
 
     def pieces(self, prompt: str) -> list[str]:
         """The WordPiece pieces of one prompt, without [CLS]/[SEP]/padding and not truncated."""

@@ -319,24 +319,25 @@ def compare(m: LatentDiffusion, pipe, steps=5, seed=0, size=None, prompt=DEFAULT
     stages.append(_stage("decoder", ours, ref, STAGE_ATOL, "[-1, 1]"))
 
     common = dict(num_inference_steps=steps, eta=0.0, output_type="np")
+    ddim = dict(sampler="ddim", progress=False)  # ours: DDIM as the reference, whatever the file recommends
     if m.kind == "txt2img" and m.tokenizer is None:
         stages.append(Stage("sample", (), 0.0, SAMPLE_ATOL, None, "skipped: the model has no tokenizer"))
         return stages
     if m.kind == "txt2img":
         x_T = randn(1, c, h, h)
         ours = txt2img(m, prompt, guidance_scale=guidance, height=size, width=size, latents=x_T,
-                       progress=False, **common)  # fmt: skip
+                       **ddim, **common)  # fmt: skip
         # diffusers hard-codes latent = height // 8: pass the latents and the height that passes its check
         ref = pipe(prompt, guidance_scale=guidance, height=8 * h, width=8 * h, latents=x_T, **common).images
         note = f"{steps} DDIM steps, guidance {guidance}, [0, 1]"
     elif m.kind == "unconditional":
-        ours = unconditional(m, 1, height=size, width=size, generator=gen(), progress=False, **common)
+        ours = unconditional(m, 1, height=size, width=size, generator=gen(), **ddim, **common)
         pipe.unet.register_to_config(sample_size=h)  # LDMPipeline draws (1, c, sample_size, sample_size)
         ref = pipe(batch_size=1, generator=gen(), **common).images
         note = f"{steps} DDIM steps, [0, 1]"
     else:
         low = cond[:1]
-        ours = superres(m, low, generator=gen(), progress=False, **common)
+        ours = superres(m, low, generator=gen(), **ddim, **common)
         ref = pipe(image=low, generator=gen(), **common).images
         note = f"{steps} DDIM steps, [0, 1]"
     stages.append(_stage("sample", ours, ref, SAMPLE_ATOL, note))

@@ -26,7 +26,6 @@ from safetensors.torch import load_file, save_file
 
 import ldm_mini
 from ldm_mini.__main__ import main
-from ldm_mini.loading import EMBEDDED
 from ldm_mini.unet import UNet, UNetConfig
 from ldm_mini.verify import SAMPLE_ATOL, STAGE_ATOL, autoencoder_kwargs, unet_kwargs
 from weights_tools.convert import convert
@@ -78,16 +77,33 @@ def test_txt2img_writes_pngs_with_settings(tiny, tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(paths[1])), np.asarray(ref))
 
 
-def test_txt2img_uses_the_embedded_model_by_default(tmp_path, capsys):
-    """No --weights: the embedded shapes model; until it is trained and shipped, a clear error (exit 2)."""
-    argv = ["txt2img", PROMPT, "--steps", "2", "--seed", "0", "--out", str(tmp_path), "--device", "cpu"]
-    if not EMBEDDED["shapes"].exists():
-        assert exit_code(argv) == 2
-        assert "the embedded model 'shapes' is missing" in capsys.readouterr().err
-        return
+def test_the_command_line_and_the_python_call_give_the_same_image(tmp_path, capsys):
+    """No --weights: the embedded shapes model, at its recommended settings (20 DDIM steps, guidance 2) and
+    its trained size (64 x 64); ldm_mini.txt2img with no settings draws exactly the same picture."""
+    argv = ["txt2img", PROMPT, "--seed", "0", "--out", str(tmp_path), "--device", "cpu"]
     assert main(argv) == 0
     (path,) = written(capsys.readouterr().out)
-    assert path.is_file() and Image.open(path).text["weights"] == "shapes"
+    text = Image.open(path).text
+    assert (text["weights"], text["steps"], text["guidance"], text["size"]) == (
+        "shapes",
+        "20",
+        "2.0",
+        "64x64",
+    )
+    ref = ldm_mini.txt2img(
+        ldm_mini.load(), PROMPT, generator=torch.Generator().manual_seed(0), progress=False
+    )
+    assert np.array_equal(np.asarray(Image.open(path)), np.asarray(ref[0]))
+
+
+def test_info_lists_the_vocabulary(capsys):
+    assert main(["info", "shapes", "--vocab"]) == 0
+    tokens = capsys.readouterr().out.splitlines()
+    assert (
+        tokens[:2] == ["[PAD]", "[UNK]"]
+        and "circle" in tokens
+        and tokens == ldm_mini.load().tokenizer.vocab_text.split("\n")[:-1]
+    )
 
 
 def test_sample_and_upscale(tiny, tmp_path, capsys):

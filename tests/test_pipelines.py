@@ -20,7 +20,9 @@ from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 from diffusers.schedulers import scheduling_ddpm, scheduling_lms_discrete
 from helpers import save_pipeline, tiny_superres, tiny_txt2img, tiny_unconditional
 
+import ldm_mini
 from ldm_mini import load
+from ldm_mini.pipeline import settings as pipeline_settings
 from ldm_mini.pipeline import superres, txt2img, unconditional
 from weights_tools.convert import convert
 
@@ -110,8 +112,9 @@ def test_txt2img_ddim_matches_diffusers(t2i, monkeypatch, batch, size, scale, et
     assert m.downsample_factor == 4  # diffusers hard-codes height // 8: ask it for twice the size
     h, w = size
     noise = torch.randn(STEPS, batch, 4, h // 4, w // 4, generator=seeded(1)) if eta else None
-    ours = txt2img(m, PROMPTS[:batch], STEPS, scale, eta, h, w, seeded(0), noise, output_type="np",
-                   progress=False, **overrides)  # fmt: skip
+    ours = txt2img(m, PROMPTS[:batch], num_inference_steps=STEPS, guidance_scale=scale, eta=eta, height=h,
+                   width=w, generator=seeded(0), noise=noise, output_type="np", progress=False,
+                   **overrides)  # fmt: skip
     ref_pipe = with_scheduler(pipe, DDIMScheduler.from_config(pipe.scheduler.config, **overrides))
     if eta:
         inject_step_noise(monkeypatch, ref_pipe.scheduler, noise)
@@ -125,8 +128,9 @@ def test_txt2img_plms_and_ddpm_match_diffusers(t2i, monkeypatch, sampler, scale)
     """PLMS = PNDMScheduler(skip_prk_steps=True); DDPM = DDPMScheduler, both in LDMTextToImagePipeline."""
     pipe, m = t2i
     noise = torch.randn(STEPS, 2, 4, 8, 8, generator=seeded(1)) if sampler == "ddpm" else None
-    ours = txt2img(m, PROMPTS, STEPS, scale, height=32, width=32, generator=seeded(0), noise=noise,
-                   sampler=sampler, output_type="np", progress=False)  # fmt: skip
+    ours = txt2img(m, PROMPTS, num_inference_steps=STEPS, guidance_scale=scale, height=32, width=32,
+                   generator=seeded(0), noise=noise, sampler=sampler, output_type="np",
+                   progress=False)  # fmt: skip
     if sampler == "plms":
         scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
     else:
@@ -147,7 +151,8 @@ def test_txt2img_lms_matches_a_correct_diffusers_loop(t2i, lms_reference, spacin
     "linspace" when the DDIM config only had the default. Both are compared."""
     pipe, m = t2i
     scale = 3.0
-    ours = txt2img(m, PROMPTS, STEPS, scale, height=32, width=32, generator=seeded(0), sampler="lms",
+    ours = txt2img(m, PROMPTS, num_inference_steps=STEPS, guidance_scale=scale, height=32, width=32,
+                   generator=seeded(0), sampler="lms",
                    output_type="np", progress=False, timestep_spacing=spacing)  # fmt: skip
 
     scheduler = LMSDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing=spacing)
@@ -222,8 +227,8 @@ def test_unconditional_matches_diffusers(uncond, monkeypatch, batch, eta):
     pipe, m = uncond
     assert (m.downsample_factor, m.scale_factor, pipe.vqvae.config.scaling_factor) == (2, 1.0, 1.0)
     noise = torch.randn(STEPS, batch, 3, 8, 8, generator=seeded(1)) if eta else None
-    ours = unconditional(m, batch, STEPS, eta, seeded(0), noise, height=16, width=16, output_type="np",
-                         progress=False)  # fmt: skip
+    ours = unconditional(m, batch, num_inference_steps=STEPS, eta=eta, generator=seeded(0), noise=noise,
+                         height=16, width=16, output_type="np", progress=False)  # fmt: skip
     ref_pipe = with_scheduler(pipe, DDIMScheduler.from_config(pipe.scheduler.config))
     if eta:
         inject_step_noise(monkeypatch, ref_pipe.scheduler, noise)
@@ -241,7 +246,8 @@ def test_superres_matches_diffusers(sr, monkeypatch, source, eta):
         image, batch, size = torch.rand(2, 3, 8, 12, generator=seeded(2)) * 2 - 1, 2, (8, 12)
     shape = (batch, 3, *((size, size) if source == "pil" else size))
     noise = torch.randn(STEPS, *shape, generator=seeded(1)) if eta else None
-    ours = superres(m, image, STEPS, eta, seeded(0), noise, output_type="np", progress=False)
+    ours = superres(m, image, num_inference_steps=STEPS, eta=eta, generator=seeded(0), noise=noise,
+                    output_type="np", progress=False)  # fmt: skip
     ref_pipe = with_scheduler(pipe, DDIMScheduler.from_config(pipe.scheduler.config))
     if eta:
         inject_step_noise(monkeypatch, ref_pipe.scheduler, noise)
@@ -288,3 +294,82 @@ def test_bad_input_fails_before_compute(request, monkeypatch, fixture, fn, kwarg
         defaults.update(height=32, width=32)
     with pytest.raises(ValueError, match=message):
         fn(m, **{**defaults, **kwargs})
+
+
+# --- defaults and the calling convention ----------------------------------------------------------------
+def test_every_pipeline_defaults_to_the_trained_size_and_diffusers_settings(t2i, uncond, sr):
+    (_, t), (_, u), (_, s) = t2i, uncond, sr
+    assert (
+        t.recommended == u.recommended == s.recommended == {}
+    )  # converted diffusers folders recommend nothing
+    assert (t.default_size, u.default_size) == (8 * 4, 8 * 2)  # sample_size 8 times the autoencoder factor
+    assert txt2img(t, "a", num_inference_steps=1, progress=False)[0].size == (32, 32)
+    assert unconditional(u, num_inference_steps=1, progress=False)[0].size == (16, 16)
+    low = torch.rand(1, 3, 8, 8) * 2 - 1
+    assert superres(s, low, num_inference_steps=1, progress=False)[0].size == (16, 16)  # 2x the input here
+    calls = []
+    txt2img(t, "a", progress=False, callback=calls.append, output_type="latent")
+    assert len(calls) == 50  # diffusers' 50 steps; guidance 1.0: one UNet call per step
+    assert pipeline_settings(t, "txt2img") == dict(
+        num_inference_steps=50,
+        guidance_scale=1.0,
+        eta=0.0,
+        sampler="ddim",
+        height=32,
+        width=32,
+        options={"eta": 0.0},
+    )
+
+
+def test_the_files_recommended_settings_are_the_defaults_and_a_call_overrides_them(t2i, tmp_path):
+    _, m = t2i
+    rec = ldm_mini.save(
+        m, tmp_path / "rec.safetensors", recommended={"steps": 3, "guidance": 2.5, "eta": 0.5}
+    )
+    r = load(rec)
+    assert r.recommended == {"steps": 3, "guidance": 2.5, "eta": 0.5}
+    s = pipeline_settings(r, "txt2img", num_inference_steps=4, sampler="ddim")
+    assert (s["num_inference_steps"], s["guidance_scale"], s["eta"], s["sampler"]) == (4, 2.5, 0.5, "ddim")
+    kw = dict(progress=False, output_type="latent")
+    given = txt2img(m, PROMPTS, num_inference_steps=3, guidance_scale=2.5, eta=0.5, generator=seeded(3), **kw)
+    assert torch.equal(txt2img(r, PROMPTS, generator=seeded(3), **kw), given)
+    with pytest.raises(ValueError, match="unknown recommended setting 'stpes'"):
+        ldm_mini.save(m, tmp_path / "bad.safetensors", recommended={"stpes": 3})
+
+
+def test_settings_after_the_first_arguments_are_keyword_only(t2i, uncond, sr):
+    """Written as for diffusers, txt2img(m, p, 256, 256) must not mean 256 steps at guidance 256."""
+    for fn, first, model in ((txt2img, "a", t2i[1]), (superres, torch.zeros(1, 3, 8, 8), sr[1])):
+        with pytest.raises(TypeError, match="positional"):
+            fn(model, first, 32, 32)
+    with pytest.raises(TypeError, match="positional"):
+        unconditional(uncond[1], 1, 32)
+
+
+def test_a_list_of_generators_makes_each_image_its_own(t2i):
+    """As in diffusers: generator[i] draws image i alone (x_T and, with eta > 0, every step's noise), so a
+    batch holds the images that its generators give one by one."""
+    _, m = t2i
+    kw = dict(num_inference_steps=STEPS, guidance_scale=2.0, eta=0.7, output_type="latent", progress=False)
+    batch = txt2img(m, PROMPTS, generator=[seeded(1), seeded(2)], **kw)
+    draws = []  # what each generator gives a batch of one: x_T, then one noise per step
+    for seed in (1, 2):
+        g = seeded(seed)
+        draws.append([torch.randn(1, 4, 8, 8, generator=g) for _ in range(STEPS + 1)])
+    x_T = torch.cat([d[0] for d in draws])
+    noise = torch.stack([torch.cat([d[i + 1] for d in draws]) for i in range(STEPS)])
+    assert torch.equal(batch, txt2img(m, PROMPTS, latents=x_T, noise=noise, **kw))  # exactly those draws
+    one = [txt2img(m, [p], generator=seeded(s), **kw) for p, s in zip(PROMPTS, (1, 2), strict=True)]
+    # the same images: a batch of two runs other float32 kernels (round-off ~1e-6 of latents of order 5)
+    torch.testing.assert_close(batch, torch.cat(one), rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="list of 1 generators for a batch of 2"):
+        txt2img(m, PROMPTS, generator=[seeded(1)], **kw)
+
+
+def test_an_unknown_word_is_named_once_with_where_the_vocabulary_is(t2i):
+    _, m = t2i
+    with pytest.warns(UserWarning, match=r"has no 'zebra', 'xyz'.*ldm-mini info WEIGHTS --vocab") as caught:
+        m.tokenize(["a zebra and a xyz", "a zebra"])
+    assert len(caught) == 1
+    assert m.tokenizer.unknown_words("a red circle above a blue square") == []
+    assert m.tokenizer.unknown_words("the cats, painting!") == []  # cat ##s: pieces longer than a letter

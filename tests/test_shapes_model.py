@@ -4,6 +4,11 @@ It loads by default and by name, is small, and draws a fixed prompt deterministi
 the analytic judge (benchmarks/shapes_judge.py). The quality figures over 200 prompts are a benchmark
 (benchmarks/eval_shapes.py), not a test."""
 
+import re
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
 import torch
 
 import ldm_mini
@@ -55,3 +60,18 @@ def test_one_to_three_shapes_and_held_out_pairs_are_judged_right():
                      generator=gen, output_type="pt", progress=False)  # fmt: skip
     verdicts = {p: judge(im, p, value_range=(0.0, 1.0)) for p, im in zip(GRID_PROMPTS, images, strict=True)}
     assert [p for p, v in verdicts.items() if not v["correct"]] == [], verdicts
+
+
+def test_readme_example_runs_as_written_and_draws_the_prompt(tmp_path, monkeypatch):
+    """README's first Python block, exactly as printed, with no setting given: the picture is the one the
+    model was trained to make (64 x 64, its recommended 20 steps at guidance 2), and it is right."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    found = re.search(r"<!-- test_readme_example -->\s*```python\n(.*?)```", readme, re.DOTALL)
+    assert found, "README.md must keep its first example after the test_readme_example marker"
+    monkeypatch.chdir(tmp_path)
+    exec(compile(found.group(1), "<README example>", "exec"), {})
+    image = PIL.Image.open(tmp_path / "shapes.png")
+    assert image.size == (64, 64)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+    verdict = judge(pixels, PROMPT, value_range=(0.0, 1.0))
+    assert verdict["correct"], verdict
