@@ -134,6 +134,15 @@ class LatentDiffusion(nn.Module):
                 UserWarning,
                 stacklevel=2,
             )
+        room = self.tokenizer.max_length - 2  # [CLS] and [SEP] take two of the 77 places
+        for prompt in [prompts] if isinstance(prompts, str) else prompts:
+            if (n := len(self.tokenizer.pieces(prompt))) > room:
+                warnings.warn(
+                    f"the prompt {prompt[:40]!r}... is {n} tokens long: only its first {room} are read "
+                    f"(the text encoder has {self.tokenizer.max_length} positions)",
+                    UserWarning,
+                    stacklevel=2,
+                )
         return self.tokenizer(prompts).to(self.device)
 
     def encode_text(self, ids: Tensor) -> Tensor:

@@ -373,3 +373,5 @@ def test_an_unknown_word_is_named_once_with_where_the_vocabulary_is(t2i):
     assert len(caught) == 1
     assert m.tokenizer.unknown_words("a red circle above a blue square") == []
     assert m.tokenizer.unknown_words("the cats, painting!") == []  # cat ##s: pieces longer than a letter
+    with pytest.warns(UserWarning, match="is 90 tokens long: only its first 75 are read"):
+        m.tokenize("red " * 90)
