@@ -25,9 +25,12 @@ Exit codes: 0 done; 1 a failure while running (verify: a stage failed); 2 a bad 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import re
 import secrets
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -35,9 +38,10 @@ import torch
 
 from . import pipeline
 from .hub import DownloadError, is_hub_id, load, resolve
-from .loading import DTYPES, build_empty, read_metadata
+from .loading import DTYPES, build_empty, read_metadata, write_atomically
 from .verify import DEFAULT_PROMPT
 
+MAX_IMAGES = 100_000  # -n: more is surely a typo (and the list of output names alone would fill memory)
 KINDS = {"txt2img": "txt2img", "sample": "unconditional", "upscale": "superres"}  # command -> model kind
 PIPELINES = {"txt2img": pipeline.txt2img, "sample": pipeline.unconditional, "upscale": pipeline.superres}
 # the pipelines' argument names -> the command line's flags, for their error messages
@@ -93,18 +97,26 @@ def output_paths(out: str, stem: str, seeds: list[int], force: bool, parser) -> 
     if not force and (taken := [str(p) for p in paths if p.exists()]):
         verb = "exists" if len(taken) == 1 else "exist"
         parser.error(f"{', '.join(taken)} already {verb}: pass --force to overwrite, or choose another --out")
+    for folder in sorted({p.parent for p in paths}):  # writable? found out now, not after sampling
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".ldm-mini-", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            parser.error(f"--out {out}: cannot write into {folder} ({e.strerror or e}); choose another --out")
     return paths
 
 
-def save_png(image, path: Path, fields: dict) -> None:
-    """Write the PNG with one text chunk per setting (read back with PIL: Image.open(path).text)."""
+def save_png(image, path: Path, fields: dict, force: bool) -> None:
+    """Write the PNG with one text chunk per setting (read back with PIL: Image.open(path).text), atomically
+    and, without --force, never over a file (not even one another run wrote meanwhile)."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     for key, value in fields.items():
         info.add_text(key, str(value))  # tEXt, or iTXt when the value is not latin-1 (a unicode prompt)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, pnginfo=info)
+    write_atomically(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), force=force)
 
 
 # --- txt2img, sample, upscale -----------------------------------------------------------------------
@@ -114,13 +126,15 @@ def prepare(args, parser) -> tuple[Path, object, dict, dict, list[Path], list[in
     -> (file, the pipeline's first argument (prompt, batch size 1 or image), its other arguments,
     the PNG text fields, the output paths, the seeds)."""
     kind = KINDS[args.command]
-    if args.num_images < 1:
-        parser.error(f"-n/--num-images must be >= 1, got {args.num_images}")
+    if not 1 <= args.num_images <= MAX_IMAGES:
+        parser.error(f"-n/--num-images must be >= 1 and at most {MAX_IMAGES:,}, got {args.num_images}")
+    if args.seed is not None and not 0 <= args.seed <= 2**64 - args.num_images:
+        parser.error(
+            f"--seed must be from 0 to 2**64 - 1 - (n - 1) = {2**64 - args.num_images}, got {args.seed}"
+        )
     path = weights_path(args.weights, parser)
-    try:
-        m = build_empty(
-            read_metadata(path)
-        )  # the model on the meta device: its kind and sizes, no weight read
+    try:  # the model on the meta device: its kind and sizes, no weight read
+        m = build_empty(read_metadata(path))
     except ValueError as e:
         parser.error(str(e))
     if m.kind != kind:
@@ -175,8 +189,17 @@ def run_sampling(args, parser) -> int:
             image = fn(m, first, generator=generator, **call)[0]  # tqdm bar over the steps
         except ValueError as e:
             parser.error(str(e))
+        except (MemoryError, RuntimeError) as e:  # out of memory, or a non-finite image the pipeline refused
+            reason = (str(e).splitlines() or ["out of memory"])[0][:200]
+            hint = (
+                "; choose a smaller image, --dtype bfloat16, or a GPU" if "memory" in reason.lower() else ""
+            )
+            raise SystemExit(f"error: {reason}{hint} (nothing was written for seed {seed})") from e
         size = f"{image.size[0]}x{image.size[1]}"
-        save_png(image, out, {**fields, "seed": seed, "size": size, "software": "ldm_mini"})
+        try:
+            save_png(image, out, {**fields, "seed": seed, "size": size, "software": "ldm_mini"}, args.force)
+        except OSError as e:  # a full disk, a size limit, or the name taken meanwhile: nothing half-written
+            raise SystemExit(f"error: could not write {out}: {e.strerror or e}") from e
         print(f"wrote {out} ({size}, seed {seed})")
     return 0
 
@@ -210,6 +233,10 @@ def run_verify(args, parser) -> int:
     device = pick_device(args.device, parser)
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
+    if not math.isfinite(args.guidance):
+        parser.error(f"--guidance must be a finite number, got {args.guidance}")
+    if args.size is not None and args.size < 1:
+        parser.error(f"--size must be a positive number of pixels, got {args.size}")
     ref = args.reference
     if ref is not None and not Path(ref).is_dir() and not is_hub_id(ref):
         parser.error(f"--reference {ref}: give a diffusers pipeline folder or a hub id (owner/name)")
@@ -297,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     format_before, warnings.formatwarning = warnings.formatwarning, warning_line
     try:
         return run(argv)
+    except KeyboardInterrupt:  # every file is written atomically: what was written is whole, the rest absent
+        print(
+            "interrupted: the images written so far are complete; nothing else was written", file=sys.stderr
+        )
+        return 130
     finally:
         warnings.formatwarning = format_before
 

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -167,7 +168,7 @@ def write_file(
     force: bool = False,
     dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write a weight file atomically: a temporary file in the same folder, then os.replace.
+    """Write a weight file atomically and, without force, never over an existing file (write_atomically).
 
     Checks the tensors against the model the metadata describes first, so a file that would not load
     is never written. Floating-point tensors are cast to `dtype` when given.
@@ -181,17 +182,41 @@ def write_file(
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), force=force)
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], force: bool = False) -> Path:
+    """write(tmp) into a temporary file beside `path`, then put it in place in one step.
+
+    A crash, a full disk, a size limit or Ctrl-C while writing leaves the old file (or none), never half a
+    file. Without force the last step is a hard link, which fails if the name exists: an existing file is
+    never replaced, not even one that another process wrote in the meantime (two runs to one name: the
+    second refuses). With force it is os.replace. Used for weight files and for the command line's PNGs.
+    """
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    tmp = Path(name)
     try:
-        save_file(tensors, tmp, metadata=meta)
+        write(tmp)
         umask = os.umask(0)  # mkstemp makes the file private (0600): give it the usual permissions
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        if force:
+            os.replace(tmp, path)
+        else:
+            try:
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    raise
+                except OSError:  # no hard links on this file system: claim the name, then replace it
+                    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                    os.replace(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(f"{path} exists: pass --force (force=True) to overwrite it") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -200,9 +200,12 @@ def _sample(m, x_T, s, cond, uncond, noise, generator, callback, progress, retur
 
 def _output(m, z0, output_type, trace):
     """Final latent -> "latent" z0, "pt" (B, 3, H, W) / "np" (B, H, W, 3) float in [0, 1], "pil" list."""
-    out = z0
+    out = z0 if output_type == "latent" else m.decode(z0)  # D(z0 / scale_factor) in [-1, 1]
+    if not torch.isfinite(out).all():  # clamp would turn NaN into a black picture that looks like a result
+        raise RuntimeError("the sample has NaN or infinite values: the weights or a setting overflowed "
+                           "(float16? use float32 or bfloat16); no image is made of it")  # fmt: skip
     if output_type != "latent":
-        out = (m.decode(z0) / 2 + 0.5).clamp(0, 1)  # D(z0 / scale_factor) in [-1, 1] -> [0, 1]
+        out = (out / 2 + 0.5).clamp(0, 1)  # [-1, 1] -> [0, 1]
         if output_type != "pt":
             out = out.permute(0, 2, 3, 1).float().cpu().numpy()  # (B, H, W, 3)
         if output_type == "pil":

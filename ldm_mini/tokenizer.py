@@ -26,6 +26,7 @@ from tokenizers import normalizers, pre_tokenizers
 from tokenizers.models import WordPiece
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0, 100, 101, 102, 103 in bert-base-uncased
+MAX_VOCAB_CHARS = 10_000_000  # bert-base-uncased's vocab.txt is 232 kB
 
 
 class Tokenizer:
@@ -48,10 +49,17 @@ class Tokenizer:
 
     @classmethod
     def from_vocab(cls, text_or_path: str | os.PathLike, max_length: int = 77) -> "Tokenizer":
-        """Build from a vocab.txt (one token per line; line number = id), given as its content or its path."""
-        text = str(text_or_path)
-        if isinstance(text_or_path, os.PathLike) or "\n" not in text:
+        """Build from a vocab.txt (one token per line; line number = id): a str is the content itself (as a
+        weight file's metadata holds it: data, never opened as a path), a Path the file to read."""
+        if isinstance(text_or_path, os.PathLike):
             text = Path(text_or_path).read_text(encoding="utf-8")
+        elif isinstance(text_or_path, str):
+            text = text_or_path
+        else:
+            raise TypeError(f"vocab must be its text (str) or a Path, got {type(text_or_path).__name__}")
+        if len(text) > MAX_VOCAB_CHARS:
+            raise ValueError(f"the vocabulary is {len(text):,} characters long, over {MAX_VOCAB_CHARS:,}: "
+                             "not a WordPiece vocab.txt")  # fmt: skip
         tokens = [t.removesuffix("\r") for t in text.removesuffix("\n").split("\n")]
         vocab = {}
         for i, t in enumerate(tokens):
