@@ -11,7 +11,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 from diffusers.schedulers import scheduling_ddpm, scheduling_lms_discrete
 from torch import nn
 
-from ldm_mini import samplers
+from ldm_mini import samplers, schedule
 from ldm_mini.schedule import ScheduleConfig, make_alphas_cumprod
 
 # Without scipy, `diffusers.LMSDiscreteScheduler` is a placeholder that raises; the module's class is real
@@ -115,7 +115,7 @@ def test_timesteps_match_diffusers_for_every_step_count(spacing, offset):
         if spacing == "leading" and offset and S == 1000:
             continue  # t = 1000 does not exist: ours raises (below), diffusers would index out of range
         ref.set_timesteps(S)
-        ours = samplers.ddim_timesteps(S, 1000, offset, spacing)
+        ours = schedule.ddim_timesteps(S, 1000, offset, spacing)
         theirs = ref.timesteps.tolist()
         if len(theirs) == S + 1:  # a diffusers quirk: np.arange(T, 0, -T/S) sometimes ends with t = -1
             assert spacing == "trailing" and theirs[-1] == -1
@@ -124,9 +124,9 @@ def test_timesteps_match_diffusers_for_every_step_count(spacing, offset):
 
 
 def test_compvis_convention():
-    assert samplers.ddim_timesteps(5, 1000, steps_offset=1) == [801, 601, 401, 201, 1]
+    assert schedule.ddim_timesteps(5, 1000, steps_offset=1) == [801, 601, 401, 201, 1]
     ab = make_alphas_cumprod(ScheduleConfig(**BETAS))
-    (a_t, a_prev), *_ = reversed(samplers.ddim_alphas(ab, [801, 601, 401, 201, 1], set_alpha_to_one=False))
+    (a_t, a_prev), *_ = reversed(schedule.ddim_alphas(ab, [801, 601, 401, 201, 1], set_alpha_to_one=False))
     assert a_t == ab[1] and a_prev == ab[0]  # the last step goes to alpha-bar_0, not 1
 
 
@@ -138,9 +138,9 @@ def test_lms_sigmas_match_diffusers(spacing, offset):
         if spacing == "leading" and S == 1000:
             continue
         ref.set_timesteps(S)
-        ts = torch.tensor(samplers._spaced(S, 1000, offset, spacing))  # float32, fractional for linspace
+        ts = torch.tensor(schedule.spaced_timesteps(S, 1000, offset, spacing))  # float32, linspace fractional
         torch.testing.assert_close(ts, ref.timesteps, rtol=0, atol=0)
-        torch.testing.assert_close(samplers.lms_sigmas(ab, ts.tolist()), ref.sigmas, rtol=0, atol=0)
+        torch.testing.assert_close(schedule.lms_sigmas(ab, ts.tolist()), ref.sigmas, rtol=0, atol=0)
 
 
 # --- DDIM -----------------------------------------------------------------------------------------
@@ -209,8 +209,8 @@ def test_unrolled_celebahq_loop_equals_ddim():
     # The ldm-celebahq-256 model card loop (noise -> predict noise, one step -> decode), with our parts.
     m = FakeLDM(kind="unconditional")
     z = x_T = inputs()[0]
-    ts = samplers.ddim_timesteps(20)
-    for t, (a_t, a_prev) in zip(ts, samplers.ddim_alphas(m.alphas_cumprod, ts), strict=True):
+    ts = schedule.ddim_timesteps(20)
+    for t, (a_t, a_prev) in zip(ts, schedule.ddim_alphas(m.alphas_cumprod, ts), strict=True):
         eps = m.predict_noise(z, t)
         z, _ = samplers.ddim_step(z, eps, a_t, a_prev)
     torch.testing.assert_close(z, samplers.ddim(m, x_T, num_steps=20, progress=False), rtol=0, atol=0)
@@ -332,6 +332,11 @@ def test_plms_eps_is_adams_bashforth():
 
 
 # --- LMS ------------------------------------------------------------------------------------------
+def as_z_t(ref_zs, sigmas):
+    """diffusers' LMS states (z_0 + sigma eps after step i, at sigmas[i + 1]) as the z_t the UNet sees."""
+    return [z / (sigmas[i + 1] ** 2 + 1) ** 0.5 for i, z in enumerate(ref_zs)]
+
+
 @pytest.mark.parametrize("spacing, offset", [("linspace", 0), ("leading", 1), ("trailing", 0)])
 @pytest.mark.parametrize("num_steps, order, scale", [(1, 4, 5.0), (7, 4, 1.0), (7, 2, 5.0), (30, 4, 5.0)])
 def test_lms_matches_diffusers(lms_reference, spacing, offset, num_steps, order, scale):
@@ -355,7 +360,7 @@ def test_lms_matches_diffusers(lms_reference, spacing, offset, num_steps, order,
     )
     # Latents only: x0 = z - sigma * eps cancels two terms of size |z| ~ 50 (x_T * sigma_max), whose
     # float32 ulp is 3.8e-6, so its rounding exceeds 1e-5; it is compared in float64 below.
-    assert_steps_close(z0, steps, ref_zs)
+    assert_steps_close(z0, steps, as_z_t(ref_zs, sched.sigmas))
     assert [s["t"] for s in steps] == sched.timesteps.tolist()  # fractional for linspace
 
 
@@ -376,7 +381,7 @@ def test_lms_x0_matches_diffusers_in_float64(lms_reference):
         timestep_spacing="linspace",
     )
     # 1e-6: diffusers evaluates the LMS polynomials in float32 inside scipy's quad (ours are exact).
-    for s, ref_z, ref_x0 in zip(steps, ref_zs, ref_x0s, strict=True):
+    for s, ref_z, ref_x0 in zip(steps, as_z_t(ref_zs, sched.sigmas), ref_x0s, strict=True):
         torch.testing.assert_close(s["z"], ref_z, rtol=0, atol=1e-6)
         torch.testing.assert_close(s["x0"], ref_x0, rtol=0, atol=1e-6)
 
