@@ -57,28 +57,28 @@ SAMPLER_OPTIONS = {
 
 
 # --- checks: all before any model call ----------------------------------------------------------------
-def check_settings(num_train_timesteps: int, num_steps: int, *, sampler: str = "ddim", eta: float = 0.0,
-                   noise: Tensor | None = None, steps_offset: int | None = None,
+def check_settings(num_train_timesteps: int, num_steps: int, *, sampler: str = "ddim",
+                   eta: float | None = 0.0, noise: Tensor | None = None, steps_offset: int | None = None,
                    set_alpha_to_one: bool | None = None, timestep_spacing: str | None = None,
                    order: int | None = None) -> None:  # fmt: skip
     """Raise ValueError, one line naming the problem and the fix, for settings `sampler` cannot run. It
     needs no model or tensor, so a pipeline or CLI calls it before any work; every loop calls it first.
-    None = not given, not checked (pass m.schedule's values to check what a loop will use); eta = 0 suits
-    every sampler. Tensor shapes (x_T, cond, noise) are checked by the loops."""
+    None = not given, not checked (pass m.schedule's values to check what a loop will use); eta = 0 (or
+    None) suits every sampler. Tensor shapes (x_T, cond, noise) are checked by the loops."""
     if sampler not in SAMPLER_OPTIONS:
         raise ValueError(f"unknown sampler {sampler!r}: use one of {tuple(SAMPLER_OPTIONS)}")
     options = SAMPLER_OPTIONS[sampler]
-    if eta < 0 or (eta != 0 and "eta" not in options):
+    if eta is not None and (eta < 0 or (eta != 0 and "eta" not in options)):
         raise ValueError(f"eta={eta} needs sampler='ddim' and eta >= 0 (0: deterministic DDIM, 1: DDPM-like)")
     if noise is not None and "noise" not in options:
         raise ValueError(
-            f"sampler {sampler!r} is deterministic: it takes no per-step noise= (use ddim or ddpm)"
+            f"sampler {sampler!r} is deterministic: it takes no per-step noise= (drop it, or use ddim/ddpm)"
         )
     given = dict(steps_offset=steps_offset, set_alpha_to_one=set_alpha_to_one,
                  timestep_spacing=timestep_spacing, order=order)  # fmt: skip
     if unknown := [k for k, v in given.items() if v is not None and k not in options]:
         raise ValueError(f"sampler {sampler!r} has no option(s) {unknown}: its options are {list(options)}")
-    if set_alpha_to_one not in (None, True, False):
+    if set_alpha_to_one is not None and not isinstance(set_alpha_to_one, bool):
         raise ValueError(f"set_alpha_to_one must be True or False, got {set_alpha_to_one!r}")
     if order is not None and order not in (1, 2, 3, 4):
         raise ValueError(f"order must be 1, 2, 3 or 4, got {order!r}")
@@ -280,7 +280,7 @@ def plms(m, x_T, num_steps=50, cond=None, uncond=None, guidance_scale=1.0, steps
         if i == 0 and num_steps > 1:
             z_trial, _ = plms_step(z, eps, a_t, a_prev)
             eps_next = guided_eps(m, z_trial, ts[1], cond, uncond, guidance_scale)
-            z, x0 = plms_step(z, (eps + eps_next) / 2, *plms_first_alphas(ab, ts))
+            z, x0 = plms_step(z, (eps + eps_next) / 2, *plms_first_alphas(ab, ts))  # to ts[1]
         else:
             z, x0 = plms_step(z, plms_eps(eps, old_eps), a_t, a_prev)
         old_eps = [*old_eps[-2:], eps]  # the 3 newest are enough for 4th order

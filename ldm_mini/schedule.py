@@ -4,7 +4,7 @@ DDPM  Ho et al. 2020, arXiv:2006.11239: q(x_t | x_0) = N(sqrt(ab_t) x_0, (1 - ab
       with alpha_t = 1 - beta_t and ab_t = prod_{s<=t} alpha_s ("alpha-bar", `alphas_cumprod`).
 Cosine: Nichol & Dhariwal 2021, arXiv:2102.09672, Eq. 17 (alpha-bar) and the clip of beta at 0.999.
 Timesteps are integers 0..T-1 (T = 1000), as in the CompVis checkpoints; index t is the noise level
-after t + 1 noising steps.
+after t + 1 noising steps (LMS with the "linspace" spacing also visits fractional t, interpolated).
 
 Naming trap. CompVis' `make_beta_schedule("linear")`, used by every LDM config, is NOT linear in beta:
 it is linear in sqrt(beta), beta_t = linspace(sqrt(b_0), sqrt(b_1), T)**2. diffusers calls that
@@ -194,8 +194,9 @@ def ddim_alphas(alphas_cumprod: Tensor, timesteps: list[int], set_alpha_to_one: 
     at the next timestep, and after the last step 1 (set_alpha_to_one) or alphas_cumprod[0] (CompVis).
 
     diffusers_prev=True: as diffusers' DDIM and PNDM schedulers, ab_prev at t - T//S instead (the final
-    value below 0), which is the next timestep for the "leading" spacing only (trailing S = 3 visits 999,
-    666, 332 and steps 666 -> 333). diffusers' DDPMScheduler steps to the next timestep, ending at 1."""
+    value below 0), which is the next timestep for "leading", and for "trailing" only when S divides T
+    (S = 3 visits 999, 666, 332 and steps 666 -> 333). diffusers' DDPMScheduler steps to the next
+    timestep, ending at 1 (diffusers_prev=False, set_alpha_to_one=True)."""
     final = alphas_cumprod.new_tensor(1.0) if set_alpha_to_one else alphas_cumprod[0]
     if diffusers_prev:
         ratio = alphas_cumprod.shape[0] // len(timesteps)
@@ -211,7 +212,7 @@ def ddim_alphas(alphas_cumprod: Tensor, timesteps: list[int], set_alpha_to_one: 
 def plms_first_alphas(alphas_cumprod: Tensor, timesteps: list[int], *, diffusers_prev: bool = True):
     """(ab_from, ab_to) of PLMS's first update, the one after its trial step (S >= 2): from timesteps[0]
     to timesteps[1], as CompVis plms.py. diffusers_prev=True: as diffusers' PNDMScheduler, from
-    timesteps[1] + T//S to timesteps[1] (the same for the "leading" spacing only)."""
+    timesteps[1] + T//S to timesteps[1] (the same for "leading"; linspace S = 5: from 949, not 999)."""
     t_from = timesteps[1] + alphas_cumprod.shape[0] // len(timesteps) if diffusers_prev else timesteps[0]
     return alphas_cumprod[t_from], alphas_cumprod[timesteps[1]]
 
