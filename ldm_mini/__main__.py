@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from . import pipeline
+from . import pipeline, samplers
 from .hub import DownloadError, is_hub_id, load, resolve
 from .loading import DTYPES, build_empty, read_metadata, write_atomically
 from .verify import DEFAULT_PROMPT
@@ -261,7 +261,7 @@ def add_sampling_options(p: argparse.ArgumentParser, command: str) -> None:
         p.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1: none (default: the "
                        f"file's recommended, else {defaults['guidance_scale']})")  # fmt: skip
     p.add_argument("--eta", type=float, help="DDIM eta: 0 deterministic (default), 1 DDPM-like")
-    p.add_argument("--sampler", choices=tuple(pipeline.SAMPLERS), help="default ddim")
+    p.add_argument("--sampler", choices=tuple(samplers.SAMPLERS), help="default ddim")
     p.add_argument(
         "--seed", type=int, help="seed of the first image; image i uses seed + i (default: random)"
     )

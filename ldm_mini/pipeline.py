@@ -41,7 +41,6 @@ from . import samplers
 from .model import RECOMMENDABLE
 from .tiling import TiledModel
 
-SAMPLERS = {"ddim": samplers.ddim, "plms": samplers.plms, "lms": samplers.lms, "ddpm": samplers.ddpm}
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 PIPELINE_OF = {"txt2img": "ldm_mini.txt2img", "unconditional": "ldm_mini.unconditional",
                "superres": "ldm_mini.superres"}  # fmt: skip
@@ -54,13 +53,6 @@ DEFAULTS = {
 }
 FILE_NAME = {"num_inference_steps": "steps", "guidance_scale": "guidance", "eta": "eta", "sampler": "sampler"}
 assert set(FILE_NAME.values()) == set(RECOMMENDABLE)
-# the options each sampler takes beyond (m, x_T, num_steps, cond, uncond, guidance_scale)
-SAMPLER_OPTIONS = {
-    "ddim": {"eta", "noise", "steps_offset", "set_alpha_to_one", "timestep_spacing"},
-    "plms": {"steps_offset", "set_alpha_to_one", "timestep_spacing"},
-    "lms": {"steps_offset", "timestep_spacing"},
-    "ddpm": {"noise", "steps_offset", "timestep_spacing"},
-}
 
 
 # --- settings: every check before any compute ----------------------------------------------------------
@@ -86,38 +78,23 @@ def settings(m, kind: str, *, num_inference_steps=None, guidance_scale=None, eta
     if kind != "txt2img" and guidance_scale is not None:
         raise ValueError(f"{PIPELINE_OF[kind]} takes no guidance_scale: only text-to-image models are guided")
 
-    T = m.schedule.num_train_timesteps
-    steps = s["num_inference_steps"]
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
-        raise ValueError(f"num_inference_steps must be from 1 to {T} (the training timesteps), got {steps!r}")
-    if s["sampler"] not in SAMPLERS:
-        raise ValueError(f"unknown sampler {s['sampler']!r}: use one of {tuple(SAMPLERS)}")
-    for name in ("guidance_scale", "eta"):
-        value = s.get(name, 0.0)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if s["eta"] < 0:
-        raise ValueError(f"eta must be >= 0, got {s['eta']}: DDIM needs eta >= 0 (0: deterministic, "
-                         "1: DDPM-like)")  # fmt: skip
-    if s["eta"] != 0 and s["sampler"] != "ddim":
-        raise ValueError(f"eta={s['eta']} needs sampler='ddim': the other samplers take no eta")
+    guidance = s.get("guidance_scale", 1.0)
+    if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not math.isfinite(guidance):
+        raise ValueError(f"guidance_scale must be a finite number, got {guidance!r}")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"unknown output_type {output_type!r}: use one of {OUTPUT_TYPES}")
-
-    options = {"eta": s["eta"]} if s["sampler"] == "ddim" else {}
-    conventions = {"steps_offset": steps_offset, "set_alpha_to_one": set_alpha_to_one,
-                   "timestep_spacing": timestep_spacing}  # fmt: skip
-    for name, value in conventions.items():
-        if value is not None:
-            if name not in SAMPLER_OPTIONS[s["sampler"]]:
-                having = [k for k, v in SAMPLER_OPTIONS.items() if name in v]
-                raise ValueError(f"sampler {s['sampler']!r} has no option {name}: drop it, or use a sampler "
-                                 f"that has it ({', '.join(having)})")  # fmt: skip
-            options[name] = value
-    # the timestep sequence is checked here, before any compute (a bad spacing or offset raises)
-    samplers.ddim_timesteps(steps, T, _or(steps_offset, m.schedule.steps_offset),
-                            _or(timestep_spacing, m.schedule.timestep_spacing))  # fmt: skip
-    s["options"] = options
+    conventions = ("steps_offset", "set_alpha_to_one", "timestep_spacing")  # the weights' source's, or given
+    given = dict(zip(conventions, (steps_offset, set_alpha_to_one, timestep_spacing), strict=True))
+    given = {k: v for k, v in given.items() if v is not None}
+    used = {
+        k: getattr(m.schedule, k) for k in conventions if k in samplers.SAMPLER_OPTIONS.get(s["sampler"], ())
+    }
+    T, steps = m.schedule.num_train_timesteps, s["num_inference_steps"]
+    try:  # the sampler's own checks (one place: samplers.check_settings), with the conventions it will use
+        samplers.check_settings(T, steps, sampler=s["sampler"], eta=s["eta"], **{**used, **given})
+    except ValueError as e:
+        raise ValueError(str(e).replace("num_steps", "num_inference_steps")) from None
+    s["options"] = {"eta": s["eta"], **given} if s["sampler"] == "ddim" else given
 
     if kind != "superres":  # super-resolution takes its size from the image
         f = m.downsample_factor
@@ -160,11 +137,12 @@ def _sample(m, x_T, s, cond, uncond, noise, generator, callback, progress, retur
             attention_layer):  # fmt: skip
     """Run one sampler; optionally record x_t, predicted x_0 and one layer's cross-attention per step."""
     sampler = s["sampler"]
-    if noise is not None and "noise" not in SAMPLER_OPTIONS[sampler]:
-        raise ValueError(f"sampler {sampler!r} is deterministic: it takes no per-step noise=")
+    samplers.check_settings(
+        m.schedule.num_train_timesteps, s["num_inference_steps"], sampler=sampler, noise=noise
+    )
     kwargs = dict(cond=cond, uncond=uncond, guidance_scale=s.get("guidance_scale", 1.0), progress=progress,
                   **s["options"])  # fmt: skip
-    if "noise" in SAMPLER_OPTIONS[sampler]:  # the per-step noise: explicit, or from the generator of x_T
+    if "noise" in samplers.SAMPLER_OPTIONS[sampler]:  # the per-step noise: explicit, or from x_T's generator
         kwargs.update(noise=None if noise is None else noise.to(x_T.device, x_T.dtype),
                       generator=generator if noise is None else None)  # fmt: skip
     trace = {"timesteps": [], "x_t": [], "x0": []} if return_intermediates else {}  # {}: nothing asked
@@ -188,7 +166,7 @@ def _sample(m, x_T, s, cond, uncond, noise, generator, callback, progress, retur
 
     wanted = return_intermediates or layer is not None or callback is not None
     try:
-        z0 = SAMPLERS[sampler](
+        z0 = samplers.SAMPLERS[sampler](
             m, x_T, s["num_inference_steps"], callback=on_step if wanted else None, **kwargs
         )
     finally:  # nothing is kept when the call is over

@@ -12,91 +12,107 @@ CFG   Ho & Salimans 2022, arXiv:2207.12598: eps_u + s * (eps_c - eps_u).
 Notation: DDIM's alpha_t is DDPM's alpha-bar_t; both are `ab` / `alphas_cumprod[t]` here. Timesteps
 are integers 0..T-1 (T = 1000), except LMS with the "linspace" spacing (fractional t).
 
-Timestep conventions (see ddim_timesteps): CompVis DDIM/PLMS run t = range(0, T, T//S) + 1, e.g.
-801, 601, 401, 201, 1 for S = 5, and the last step goes to alpha-bar_0 (= alphas_cumprod[0]); in
-diffusers' words: timestep_spacing "leading", steps_offset 1, set_alpha_to_one False. diffusers'
-DDIMScheduler defaults are steps_offset 0 (800, ..., 0) and set_alpha_to_one True (alpha-bar = 1 after
-the last step). The `None` arguments below default to the model's `m.schedule`.
+Timestep conventions (ldm_mini.schedule: spaced_timesteps, ddim_alphas): CompVis DDIM/PLMS run
+t = range(0, T, T//S) + 1, e.g. 801, 601, 401, 201, 1 for S = 5, and the last step goes to alpha-bar_0
+(= alphas_cumprod[0]); in diffusers' words: timestep_spacing "leading", steps_offset 1, set_alpha_to_one
+False. diffusers' DDIMScheduler defaults are steps_offset 0 (800, ..., 0) and set_alpha_to_one True
+(alpha-bar = 1 after the last step). The `None` arguments below default to the model's `m.schedule`.
+The loops take schedule.py's diffusers-reproducing options, so they match diffusers bit for bit.
 
 Randomness is explicit: per-step noise comes from `generator` (torch.randn, drawn as diffusers
 draws it) or from `noise` (num_steps, *x_T.shape): step i adds sigma_i * noise[i].
+
+One contract for every loop: after step i, which started at timestep t, it calls
+callback({"i": i, "t": t, "z": z, "x0": x0}) with z the latent after the step and x0 the step's predicted
+z_0, both in the variance-preserving space the UNet sees, z_t = sqrt(ab_t) z_0 + sqrt(1 - ab_t) eps (std ~1
+at the start; after the last step z is the returned z_0), whatever a sampler keeps inside (LMS:
+z_t / sqrt(ab_t)). So any sampler's recorded states decode alike. The step functions return new tensors
+(and LMS its new history) and never change their arguments.
 """
+
+import math
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .schedule import TIMESTEP_SPACINGS
+from .schedule import (
+    check_timesteps,
+    ddim_alphas,
+    ddim_timesteps,
+    lms_init_noise_sigma,
+    lms_sigmas,
+    plms_first_alphas,
+    spaced_timesteps,
+)
 
 # Adams-Bashforth: eps' = sum(w_k * eps_{-k}) / d over the newest eps first (PLMS, CompVis plms.py).
 ADAMS_BASHFORTH = {1: ((1,), 1), 2: ((3, -1), 2), 3: ((23, -16, 5), 12), 4: ((55, -59, 37, -9), 24)}
 
+# The options of each loop beyond (m, x_T, num_steps, cond, uncond, guidance_scale, callback, progress).
+SAMPLER_OPTIONS = {
+    "ddim": ("eta", "noise", "generator", "steps_offset", "set_alpha_to_one", "timestep_spacing"),
+    "plms": ("steps_offset", "set_alpha_to_one", "timestep_spacing"),
+    "lms": ("order", "steps_offset", "timestep_spacing"),
+    "ddpm": ("noise", "generator", "steps_offset", "timestep_spacing"),
+}
 
-# --- timesteps ------------------------------------------------------------------------------------
-def _spaced(num_steps: int, T: int, steps_offset: int, spacing: str) -> list[float]:
-    """The S = num_steps sampling timesteps, high to low, as floats ("linspace" is not rounded)."""
-    if spacing not in TIMESTEP_SPACINGS:
-        raise ValueError(f"unknown timestep_spacing {spacing!r}: use one of {TIMESTEP_SPACINGS}")
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= T:
+
+# --- checks: all before any model call ----------------------------------------------------------------
+def check_settings(num_train_timesteps: int, num_steps: int, *, sampler: str = "ddim",
+                   eta: float | None = 0.0, noise: Tensor | None = None, steps_offset: int | None = None,
+                   set_alpha_to_one: bool | None = None, timestep_spacing: str | None = None,
+                   order: int | None = None) -> None:  # fmt: skip
+    """Raise ValueError, one line naming the problem and the fix, for settings `sampler` cannot run. It
+    needs no model or tensor, so a pipeline or CLI calls it before any work; every loop calls it first.
+    None = not given, not checked (pass m.schedule's values to check what a loop will use); eta = 0 (or
+    None) suits every sampler. Tensor shapes (x_T, cond, noise) are checked by the loops."""
+    if sampler not in SAMPLER_OPTIONS:
+        raise ValueError(f"unknown sampler {sampler!r}: use one of {tuple(SAMPLER_OPTIONS)}")
+    options = SAMPLER_OPTIONS[sampler]
+    if eta is not None and (
+        isinstance(eta, bool) or not isinstance(eta, int | float) or not math.isfinite(eta)
+    ):
+        raise ValueError(f"eta must be a finite number, got {eta!r}")
+    if eta is not None and eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta} (DDIM: eta >= 0; 0 is deterministic, 1 DDPM-like)")
+    if eta is not None and eta != 0 and "eta" not in options:
+        raise ValueError(f"eta={eta} needs sampler='ddim': the other samplers take no eta")
+    if noise is not None and "noise" not in options:
         raise ValueError(
-            f"num_steps must be an integer from 1 to T = {T} (training timesteps), got {num_steps!r}"
+            f"sampler {sampler!r} is deterministic: it takes no per-step noise= (drop it, or use ddim/ddpm)"
         )
-    S = num_steps
-    if spacing == "leading":  # 0, r, 2r, ... (r = T // S), plus steps_offset: CompVis = offset 1
-        ts = [float(i * (T // S) + steps_offset) for i in reversed(range(S))]
-    elif spacing == "trailing":  # T-1 downwards in steps of T/S (Lin et al. 2024, arXiv:2305.08891, Table 2)
-        # diffusers computes np.arange(T, 0, -T/S); its i-th value is T + i*delta with this float64 delta,
-        # which decides the half-way roundings (e.g. S = 48). (That arange sometimes has an extra last
-        # value, t = -1, e.g. for S = 61: diffusers then takes S + 1 steps; here always S.)
-        delta = (T - T / S) - T
-        ts = [float(round(T + i * delta) - 1) for i in range(S)]
-    else:  # "linspace": S points from 0 to T-1
-        ts = [i * ((T - 1) / (S - 1)) if S > 1 else 0.0 for i in reversed(range(S))]
-    if ts[0] >= T or ts[-1] < 0:
-        bad = ts[0] if ts[0] >= T else ts[-1]
+    given = dict(steps_offset=steps_offset, set_alpha_to_one=set_alpha_to_one,
+                 timestep_spacing=timestep_spacing, order=order)  # fmt: skip
+    if unknown := [k for k, v in given.items() if v is not None and k not in options]:
+        raise ValueError(f"sampler {sampler!r} has no option(s) {unknown}: its options are {list(options)}")
+    if set_alpha_to_one is not None and not isinstance(set_alpha_to_one, bool):
+        raise ValueError(f"set_alpha_to_one must be True or False, got {set_alpha_to_one!r}")
+    if order is not None and order not in (1, 2, 3, 4):
+        raise ValueError(f"order must be 1, 2, 3 or 4, got {order!r}")
+    check_timesteps(num_train_timesteps, num_steps, timestep_spacing, steps_offset)
+
+
+def _start(m, sampler, x_T, num_steps, cond, uncond, guidance_scale, *, eta=0.0, noise=None, generator=None,
+           order=None, **convention):  # fmt: skip
+    """Every check of a loop, before any model call; returns `convention` with None taken from m.schedule."""
+    convention = {k: getattr(m.schedule, k) if v is None else v for k, v in convention.items()}
+    check_settings(m.alphas_cumprod.shape[0], num_steps, sampler=sampler, eta=eta, noise=noise, order=order,
+                   **convention)  # fmt: skip
+    if cond is not None and cond.shape[0] != x_T.shape[0]:
+        raise ValueError(f"cond has batch {cond.shape[0]} but x_T has batch {x_T.shape[0]}: they must match")
+    if guidance_scale != 1.0 and (cond is None or uncond is None or uncond.shape != cond.shape):
+        got = None if uncond is None else tuple(uncond.shape)
         raise ValueError(
-            f"steps_offset {steps_offset} puts timestep {bad:.0f} outside 0..{T - 1}: use 0 or 1"
+            f"guidance_scale={guidance_scale} needs cond and an uncond of the same shape (e.g. the context "
+            f'of the prompt ""), got uncond {got}; use guidance_scale=1.0 for no guidance'
         )
-    return ts
-
-
-def ddim_timesteps(num_steps: int, T: int = 1000, steps_offset: int = 0, timestep_spacing: str = "leading"):
-    """Integer timesteps, high to low, of diffusers' three spacings (steps_offset is used by "leading" only).
-
-    leading  (S=5): 800 600 400 200 0, or 801 ... 1 with steps_offset=1 (the CompVis convention)
-    trailing (S=5): 999 799 599 399 199   (always reaches t = T-1)
-    linspace (S=5): 999 749 500 250 0     (round(linspace(0, T-1, S)))
-    """
-    return [round(t) for t in _spaced(num_steps, T, steps_offset, timestep_spacing)]
-
-
-def _timesteps(m, num_steps, steps_offset, timestep_spacing, integer=True):
-    """ddim_timesteps (or the unrounded floats) with None arguments taken from the model's schedule."""
-    offset = m.schedule.steps_offset if steps_offset is None else steps_offset
-    spacing = m.schedule.timestep_spacing if timestep_spacing is None else timestep_spacing
-    ts = _spaced(num_steps, m.alphas_cumprod.shape[0], offset, spacing)
-    return [round(t) for t in ts] if integer else ts
-
-
-def ddim_alphas(alphas_cumprod: Tensor, timesteps: list[int], set_alpha_to_one: bool = True):
-    """(ab_t, ab_prev) for each DDIM/PLMS step, as diffusers' DDIM/PNDM schedulers step: from t to
-    t - T//S (= the next timestep for the "leading" spacing, not always for the other two); below 0
-    the final alpha-bar: 1 (set_alpha_to_one) or alphas_cumprod[0] (CompVis)."""
-    final = alphas_cumprod.new_tensor(1.0) if set_alpha_to_one else alphas_cumprod[0]
-    step = alphas_cumprod.shape[0] // len(timesteps)
-    return [(alphas_cumprod[t], alphas_cumprod[t - step] if t - step >= 0 else final) for t in timesteps]
-
-
-def lms_sigmas(alphas_cumprod: Tensor, timesteps: list[float]) -> Tensor:
-    """sigma(t) = sqrt((1 - ab_t) / ab_t), interpolated linearly at fractional t, then 0: (S + 1,) float32.
-    As diffusers: float32 sigmas of all T steps, interpolated in float64, rounded to float32."""
-    s = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).double().tolist()  # (T,) sigma per train step
-    out = []
-    for t in timesteps:
-        lo = int(t)
-        hi = min(lo + 1, len(s) - 1)
-        out.append((s[hi] - s[lo]) * (t - lo) + s[lo])  # linear interpolation between lo and lo + 1
-    return torch.tensor(out + [0.0], dtype=torch.float64).float().to(alphas_cumprod.device)
+    if noise is not None and tuple(noise.shape) != (num_steps, *x_T.shape):
+        want = (num_steps, *x_T.shape)
+        raise ValueError(f"noise must have shape (num_steps, *x_T.shape) = {want}, got {tuple(noise.shape)}")
+    if noise is not None and generator is not None:
+        raise ValueError("pass either noise= (the per-step noise) or generator=, not both")
+    return convention
 
 
 # --- shared pieces --------------------------------------------------------------------------------
@@ -115,10 +131,6 @@ def guided_eps(m, x: Tensor, t, cond: Tensor | None = None, uncond: Tensor | Non
     return e_uc + scale * (e_c - e_uc)
 
 
-def _or(value, default):
-    return default if value is None else value
-
-
 def randn(shape, generator, device, dtype) -> Tensor:
     """Standard normal noise (B, ...) on `device`, drawn on the generator's device as diffusers' randn_tensor.
     generator: None (the global RNG), one torch.Generator for the batch, or a list of B generators: row i
@@ -133,23 +145,6 @@ def randn(shape, generator, device, dtype) -> Tensor:
 def _randn(like: Tensor, generator) -> Tensor:
     """Step noise shaped like `like` (see randn)."""
     return randn(like.shape, generator, like.device, like.dtype)
-
-
-def _check(m, x_T, num_steps, cond, uncond, guidance_scale, noise=None, generator=None):
-    """Reject bad arguments before any model call (num_steps is checked by _spaced)."""
-    if cond is not None and cond.shape[0] != x_T.shape[0]:
-        raise ValueError(f"cond has batch {cond.shape[0]} but x_T has batch {x_T.shape[0]}: they must match")
-    if guidance_scale != 1.0 and (cond is None or uncond is None or uncond.shape != cond.shape):
-        got = None if uncond is None else tuple(uncond.shape)
-        raise ValueError(
-            f"guidance_scale={guidance_scale} needs cond and an uncond of the same shape (e.g. the context "
-            f'of the prompt ""), got uncond {got}; use guidance_scale=1.0 for no guidance'
-        )
-    if noise is not None and tuple(noise.shape) != (num_steps, *x_T.shape):
-        want = (num_steps, *x_T.shape)
-        raise ValueError(f"noise must have shape (num_steps, *x_T.shape) = {want}, got {tuple(noise.shape)}")
-    if noise is not None and generator is not None:
-        raise ValueError("pass either noise= (the per-step noise) or generator=, not both")
 
 
 # --- single steps ---------------------------------------------------------------------------------
@@ -215,33 +210,34 @@ def lms_coefficients(sigmas: list[float], i: int, order: int) -> list[float]:
     return [(b - a) / 6 * (basis(j, a) + 4 * basis(j, (a + b) / 2) + basis(j, b)) for j in range(order)]
 
 
-def lms_step(z, eps, sigmas, i, derivatives, order=4):
+def lms_step(z, eps, sigmas, i, derivatives=(), order=4):
     """One LMS step from sigmas[i] to sigmas[i+1] on the ODE dz/dsigma = (z - z_0) / sigma.
     z is the variance-exploding state (z_t / sqrt(ab_t)); `derivatives` holds the earlier steps'
-    dz/dsigma, oldest first, and gets this step's appended (at most `order` kept).
-    Returns (z at sigmas[i+1], predicted z_0)."""
+    dz/dsigma, oldest first. Returns (z at sigmas[i+1], predicted z_0, the new history: `derivatives` with
+    this step's appended, at most `order` kept, as a new tuple)."""
     sigma = sigmas[i]
     x0 = z - sigma * eps  # z_sigma = z_0 + sigma * eps
-    derivatives.append((z - x0) / sigma)  # dz/dsigma (k-diffusion: to_d)
-    del derivatives[:-order]
+    derivatives = (*derivatives, (z - x0) / sigma)[-order:]  # dz/dsigma (k-diffusion: to_d)
     coeffs = lms_coefficients(sigmas.tolist(), i, min(i + 1, order))
-    return z + sum(c * d for c, d in zip(coeffs, reversed(derivatives), strict=False)), x0
+    z_next = z + sum(c * d for c, d in zip(coeffs, reversed(derivatives), strict=False))
+    return z_next, x0, derivatives
 
 
 # --- sampling loops -------------------------------------------------------------------------------
 # Each takes the model container m (m.predict_noise, m.alphas_cumprod, m.schedule) and x_T (B, c, h, w)
-# unit-variance noise, calls callback(dict(i=, t=, z=, x0=)) after each step and returns z_0 (not yet
-# divided by the latent scale factor). steps_offset / set_alpha_to_one / timestep_spacing: None = m.schedule.
+# unit-variance noise, calls callback({"i", "t", "z", "x0"}) after each step (the contract above) and returns
+# z_0 (not yet divided by the latent scale factor). steps_offset / set_alpha_to_one / timestep_spacing:
+# None = m.schedule. SAMPLER_OPTIONS lists each loop's options; check_settings checks them.
 @torch.no_grad()
 def ddim(m, x_T, num_steps=50, cond=None, uncond=None, guidance_scale=1.0, eta=0.0, noise=None,
          generator=None, steps_offset=None, set_alpha_to_one=None, timestep_spacing=None, callback=None,
          progress=True):  # fmt: skip
     """DDIM sampling: eta = 0 deterministic, eta = 1 DDPM-like. Also honours m.schedule.clip_sample."""
-    ts = _timesteps(m, num_steps, steps_offset, timestep_spacing)
-    _check(m, x_T, num_steps, cond, uncond, guidance_scale, noise, generator)
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0 (0: DDIM, 1: DDPM-like), got {eta}")
-    alphas = ddim_alphas(m.alphas_cumprod, ts, _or(set_alpha_to_one, m.schedule.set_alpha_to_one))
+    s = _start(m, "ddim", x_T, num_steps, cond, uncond, guidance_scale, eta=eta, noise=noise,
+               generator=generator, steps_offset=steps_offset, set_alpha_to_one=set_alpha_to_one,
+               timestep_spacing=timestep_spacing)  # fmt: skip
+    ts = ddim_timesteps(num_steps, m.alphas_cumprod.shape[0], s["steps_offset"], s["timestep_spacing"])
+    alphas = ddim_alphas(m.alphas_cumprod, ts, s["set_alpha_to_one"])  # (ab_t, ab_prev) per step
     noise = None if noise is None else noise.to(x_T.device, x_T.dtype)
     z = x_T
     for i, (t, (a_t, a_prev)) in enumerate(
@@ -263,18 +259,21 @@ def ddpm(m, x_T, num_steps=1000, cond=None, uncond=None, guidance_scale=1.0, noi
          steps_offset=None, timestep_spacing=None, callback=None, progress=True):  # fmt: skip
     """Ancestral DDPM sampling (Algorithm 2) over all T timesteps, or fewer: then each step jumps to the
     next listed timestep, as diffusers' DDPMScheduler. No noise at t = 0. Honours m.schedule.clip_sample."""
-    ts = _timesteps(m, num_steps, steps_offset, timestep_spacing)
-    _check(m, x_T, num_steps, cond, uncond, guidance_scale, noise, generator)
-    ab = m.alphas_cumprod
+    s = _start(m, "ddpm", x_T, num_steps, cond, uncond, guidance_scale, noise=noise, generator=generator,
+               steps_offset=steps_offset, timestep_spacing=timestep_spacing)  # fmt: skip
+    ts = ddim_timesteps(num_steps, m.alphas_cumprod.shape[0], s["steps_offset"], s["timestep_spacing"])
+    # to the next listed timestep, and to alpha-bar = 1 after the last
+    alphas = ddim_alphas(m.alphas_cumprod, ts, set_alpha_to_one=True, diffusers_prev=False)
     noise = None if noise is None else noise.to(x_T.device, x_T.dtype)
     z = x_T
-    for i, t in enumerate(tqdm(ts, desc="DDPM", disable=not progress)):
-        a_prev = ab[ts[i + 1]] if i + 1 < len(ts) else ab.new_tensor(1.0)  # alpha-bar after this step
+    for i, (t, (a_t, a_prev)) in enumerate(
+        tqdm(list(zip(ts, alphas, strict=True)), desc="DDPM", disable=not progress)
+    ):
         eps = guided_eps(m, z, t, cond, uncond, guidance_scale)
         step_noise = None
         if t > 0:
             step_noise = noise[i] if noise is not None else _randn(z, generator)
-        z, x0 = ddpm_step(z, eps, ab[t], a_prev, step_noise, clip=m.schedule.clip_sample)
+        z, x0 = ddpm_step(z, eps, a_t, a_prev, step_noise, clip=m.schedule.clip_sample)
         if callback is not None:
             callback({"i": i, "t": t, "z": z, "x0": x0})
     return z
@@ -286,21 +285,20 @@ def plms(m, x_T, num_steps=50, cond=None, uncond=None, guidance_scale=1.0, steps
     """PLMS as CompVis plms.py / diffusers PNDMScheduler(skip_prk_steps=True): the DDIM update (eta = 0,
     in PNDM's form) with an Adams-Bashforth eps. Step 0 has no history: a trial step, a second model call
     at the next timestep, the mean of both eps (pseudo improved Euler): num_steps + 1 model calls in all."""
-    ts = _timesteps(m, num_steps, steps_offset, timestep_spacing)
-    _check(m, x_T, num_steps, cond, uncond, guidance_scale)
-    ab, S = m.alphas_cumprod, num_steps
-    alphas = ddim_alphas(ab, ts, _or(set_alpha_to_one, m.schedule.set_alpha_to_one))
+    s = _start(m, "plms", x_T, num_steps, cond, uncond, guidance_scale, steps_offset=steps_offset,
+               set_alpha_to_one=set_alpha_to_one, timestep_spacing=timestep_spacing)  # fmt: skip
+    ab = m.alphas_cumprod
+    ts = ddim_timesteps(num_steps, ab.shape[0], s["steps_offset"], s["timestep_spacing"])
+    alphas = ddim_alphas(ab, ts, s["set_alpha_to_one"])  # (ab_t, ab_prev) per step, also step 0's trial
     z, old_eps = x_T, []
     for i, (t, (a_t, a_prev)) in enumerate(
         tqdm(list(zip(ts, alphas, strict=True)), desc="PLMS", disable=not progress)
     ):
         eps = guided_eps(m, z, t, cond, uncond, guidance_scale)
-        if i == 0 and S > 1:
+        if i == 0 and num_steps > 1:
             z_trial, _ = plms_step(z, eps, a_t, a_prev)
             eps_next = guided_eps(m, z_trial, ts[1], cond, uncond, guidance_scale)
-            # diffusers takes this step from ts[1] + T//S to ts[1] (= t -> t - T//S for "leading")
-            a_from = ab[ts[1] + ab.shape[0] // S]
-            z, x0 = plms_step(z, (eps + eps_next) / 2, a_from, ab[ts[1]])
+            z, x0 = plms_step(z, (eps + eps_next) / 2, *plms_first_alphas(ab, ts))  # to ts[1]
         else:
             z, x0 = plms_step(z, plms_eps(eps, old_eps), a_t, a_prev)
         old_eps = [*old_eps[-2:], eps]  # the 3 newest are enough for 4th order
@@ -313,21 +311,22 @@ def plms(m, x_T, num_steps=50, cond=None, uncond=None, guidance_scale=1.0, steps
 def lms(m, x_T, num_steps=50, cond=None, uncond=None, guidance_scale=1.0, order=4, steps_offset=None,
         timestep_spacing=None, callback=None, progress=True):  # fmt: skip
     """LMS in sigma (diffusers' LMSDiscreteScheduler, used as a correct pipeline uses it). x_T is unit
-    noise here too: lms multiplies it by diffusers' init_noise_sigma (sigma_max for "linspace" and
-    "trailing", sqrt(sigma_max^2 + 1) for "leading"). The callback's z is the sigma-space state."""
-    spacing = _or(timestep_spacing, m.schedule.timestep_spacing)
-    ts = torch.tensor(_timesteps(m, num_steps, steps_offset, spacing, integer=False)).tolist()  # float32
-    _check(m, x_T, num_steps, cond, uncond, guidance_scale)
-    if order not in (1, 2, 3, 4):
-        raise ValueError(f"order must be 1, 2, 3 or 4, got {order!r}")
+    noise here too: lms scales it to the sigma-space state by diffusers' init_noise_sigma, and reports
+    z_t (the state / sqrt(sigma^2 + 1)) to the callback, as the other samplers do."""
+    s = _start(m, "lms", x_T, num_steps, cond, uncond, guidance_scale, order=order, steps_offset=steps_offset,
+               timestep_spacing=timestep_spacing)  # fmt: skip
+    ts = spaced_timesteps(num_steps, m.alphas_cumprod.shape[0], s["steps_offset"], s["timestep_spacing"])
+    ts = torch.tensor(ts).tolist()  # float32 values (fractional for "linspace"), as diffusers keeps them
     sigmas = lms_sigmas(m.alphas_cumprod, ts)  # (S + 1,) float32, last 0
-    s_max = sigmas.max()
-    z = x_T * (s_max if spacing in ("linspace", "trailing") else (s_max**2 + 1) ** 0.5)  # init_noise_sigma
-    derivatives = []
+    z = x_T * lms_init_noise_sigma(sigmas.max(), diffusers_spacing=s["timestep_spacing"])
+    derivatives = ()  # dz/dsigma of the earlier steps, oldest first
     for i, t in enumerate(tqdm(ts, desc="LMS", disable=not progress)):
         z_t = z / (sigmas[i] ** 2 + 1) ** 0.5  # the variance-preserving z_t the UNet was trained on
         eps = guided_eps(m, z_t, t, cond, uncond, guidance_scale)
-        z, x0 = lms_step(z, eps, sigmas, i, derivatives, order)
-        if callback is not None:
-            callback({"i": i, "t": t, "z": z, "x0": x0})
+        z, x0, derivatives = lms_step(z, eps, sigmas, i, derivatives, order)
+        if callback is not None:  # z_t after the step (at sigmas[i + 1]; the last is 0: z itself)
+            callback({"i": i, "t": t, "z": z / (sigmas[i + 1] ** 2 + 1) ** 0.5, "x0": x0})
     return z
+
+
+SAMPLERS = {"ddim": ddim, "plms": plms, "lms": lms, "ddpm": ddpm}

@@ -43,7 +43,7 @@ from safetensors.torch import load_file
 from .hub import fetch, load, resolve
 from .model import LatentDiffusion
 from .pipeline import superres, txt2img, unconditional
-from .samplers import ddim_timesteps
+from .schedule import ddim_timesteps
 
 STAGE_ATOL = 1e-4  # float32 module outputs of order 1..10 (see above)
 SAMPLE_ATOL = 1e-3  # images in [0, 1]: a quarter of one 8-bit level

@@ -2,16 +2,20 @@
 
 The model is a fake: a tiny fixed random eps predictor with the attributes of the LatentDiffusion
 container that samplers use (predict_noise, alphas_cumprod, schedule). Every step's latent and the
-final one are compared in float32 with assert_close(rtol=0, atol=1e-5).
+final one are compared in float32 with assert_close(rtol=0, atol=1e-5). Then the one contract of all
+samplers: the callback's z and x0 in the UNet's space, step functions that change no argument, and the
+checks (check_settings, SAMPLER_OPTIONS) a pipeline can call before any work.
 """
+
+import inspect
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 from diffusers.schedulers import scheduling_ddpm, scheduling_lms_discrete
-from torch import nn
+from torch import Tensor, nn
 
-from ldm_mini import samplers
+from ldm_mini import samplers, schedule
 from ldm_mini.schedule import ScheduleConfig, make_alphas_cumprod
 
 # Without scipy, `diffusers.LMSDiscreteScheduler` is a placeholder that raises; the module's class is real
@@ -105,44 +109,6 @@ def assert_steps_close(z0, steps, ref_zs, ref_x0s=None):
     torch.testing.assert_close(z0, ref_zs[-1], rtol=0, atol=ATOL)
 
 
-# --- timesteps ------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "spacing, offset", [("leading", 0), ("leading", 1), ("trailing", 0), ("linspace", 0)]
-)
-def test_timesteps_match_diffusers_for_every_step_count(spacing, offset):
-    ref = DDIMScheduler(**BETAS, steps_offset=offset, timestep_spacing=spacing)
-    for S in range(1, 1001):
-        if spacing == "leading" and offset and S == 1000:
-            continue  # t = 1000 does not exist: ours raises (below), diffusers would index out of range
-        ref.set_timesteps(S)
-        ours = samplers.ddim_timesteps(S, 1000, offset, spacing)
-        theirs = ref.timesteps.tolist()
-        if len(theirs) == S + 1:  # a diffusers quirk: np.arange(T, 0, -T/S) sometimes ends with t = -1
-            assert spacing == "trailing" and theirs[-1] == -1
-            theirs = theirs[:-1]
-        assert ours == theirs, (S, ours, theirs)
-
-
-def test_compvis_convention():
-    assert samplers.ddim_timesteps(5, 1000, steps_offset=1) == [801, 601, 401, 201, 1]
-    ab = make_alphas_cumprod(ScheduleConfig(**BETAS))
-    (a_t, a_prev), *_ = reversed(samplers.ddim_alphas(ab, [801, 601, 401, 201, 1], set_alpha_to_one=False))
-    assert a_t == ab[1] and a_prev == ab[0]  # the last step goes to alpha-bar_0, not 1
-
-
-@pytest.mark.parametrize("spacing, offset", [("linspace", 0), ("leading", 1), ("trailing", 0)])
-def test_lms_sigmas_match_diffusers(spacing, offset):
-    ref = LMSDiscreteScheduler(**BETAS, steps_offset=offset, timestep_spacing=spacing)
-    ab = make_alphas_cumprod(ScheduleConfig(**BETAS))
-    for S in [1, 2, 3, 7, 48, 50, 99, 250, 999, 1000]:
-        if spacing == "leading" and S == 1000:
-            continue
-        ref.set_timesteps(S)
-        ts = torch.tensor(samplers._spaced(S, 1000, offset, spacing))  # float32, fractional for linspace
-        torch.testing.assert_close(ts, ref.timesteps, rtol=0, atol=0)
-        torch.testing.assert_close(samplers.lms_sigmas(ab, ts.tolist()), ref.sigmas, rtol=0, atol=0)
-
-
 # --- DDIM -----------------------------------------------------------------------------------------
 SETTINGS = [  # (timestep_spacing, steps_offset, set_alpha_to_one)
     ("leading", 0, True),  # diffusers' DDIMScheduler defaults
@@ -209,8 +175,8 @@ def test_unrolled_celebahq_loop_equals_ddim():
     # The ldm-celebahq-256 model card loop (noise -> predict noise, one step -> decode), with our parts.
     m = FakeLDM(kind="unconditional")
     z = x_T = inputs()[0]
-    ts = samplers.ddim_timesteps(20)
-    for t, (a_t, a_prev) in zip(ts, samplers.ddim_alphas(m.alphas_cumprod, ts), strict=True):
+    ts = schedule.ddim_timesteps(20)
+    for t, (a_t, a_prev) in zip(ts, schedule.ddim_alphas(m.alphas_cumprod, ts), strict=True):
         eps = m.predict_noise(z, t)
         z, _ = samplers.ddim_step(z, eps, a_t, a_prev)
     torch.testing.assert_close(z, samplers.ddim(m, x_T, num_steps=20, progress=False), rtol=0, atol=0)
@@ -332,6 +298,11 @@ def test_plms_eps_is_adams_bashforth():
 
 
 # --- LMS ------------------------------------------------------------------------------------------
+def as_z_t(ref_zs, sigmas):
+    """diffusers' LMS states (z_0 + sigma eps after step i, at sigmas[i + 1]) as the z_t the UNet sees."""
+    return [z / (sigmas[i + 1] ** 2 + 1) ** 0.5 for i, z in enumerate(ref_zs)]
+
+
 @pytest.mark.parametrize("spacing, offset", [("linspace", 0), ("leading", 1), ("trailing", 0)])
 @pytest.mark.parametrize("num_steps, order, scale", [(1, 4, 5.0), (7, 4, 1.0), (7, 2, 5.0), (30, 4, 5.0)])
 def test_lms_matches_diffusers(lms_reference, spacing, offset, num_steps, order, scale):
@@ -355,7 +326,7 @@ def test_lms_matches_diffusers(lms_reference, spacing, offset, num_steps, order,
     )
     # Latents only: x0 = z - sigma * eps cancels two terms of size |z| ~ 50 (x_T * sigma_max), whose
     # float32 ulp is 3.8e-6, so its rounding exceeds 1e-5; it is compared in float64 below.
-    assert_steps_close(z0, steps, ref_zs)
+    assert_steps_close(z0, steps, as_z_t(ref_zs, sched.sigmas))
     assert [s["t"] for s in steps] == sched.timesteps.tolist()  # fractional for linspace
 
 
@@ -376,7 +347,7 @@ def test_lms_x0_matches_diffusers_in_float64(lms_reference):
         timestep_spacing="linspace",
     )
     # 1e-6: diffusers evaluates the LMS polynomials in float32 inside scipy's quad (ours are exact).
-    for s, ref_z, ref_x0 in zip(steps, ref_zs, ref_x0s, strict=True):
+    for s, ref_z, ref_x0 in zip(steps, as_z_t(ref_zs, sched.sigmas), ref_x0s, strict=True):
         torch.testing.assert_close(s["z"], ref_z, rtol=0, atol=1e-6)
         torch.testing.assert_close(s["x0"], ref_x0, rtol=0, atol=1e-6)
 
@@ -386,6 +357,169 @@ def test_lms_coefficients_integrate_the_lagrange_basis():
     for i, order in [(0, 1), (1, 2), (3, 4), (4, 4)]:
         c = samplers.lms_coefficients(sig, i, order)
         assert sum(c) == pytest.approx(sig[i + 1] - sig[i], rel=1e-12)  # the basis sums to 1
+
+
+# --- one contract for every sampler ---------------------------------------------------------------
+def run_each(name, m, x_T, **kw):
+    """samplers.SAMPLERS[name] with a callback; DDPM and DDIM (with eta = 1) with a seeded generator."""
+    if name in ("ddim", "ddpm"):
+        kw = {**kw, "generator": torch.Generator().manual_seed(0), **({"eta": 1.0} if name == "ddim" else {})}
+    return run(samplers.SAMPLERS[name], m, x_T, **kw)
+
+
+@pytest.mark.parametrize("name", ["ddim", "plms", "lms", "ddpm"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_callback_reports_z_t_from_unit_noise_to_the_returned_z_0(name, spacing):
+    m = FakeLDM()
+    x_T, cond, _ = inputs()
+    z0, steps = run_each(name, m, x_T, num_steps=10, cond=cond, timestep_spacing=spacing)
+    assert [sorted(s) for s in steps] == [["i", "t", "x0", "z"]] * 10
+    # z_t after 1 of 10 steps: std ~1 as x_T (1.4 with DDPM noise on this fake; 5-10 in a sigma-space state)
+    assert 0.5 < steps[0]["z"].std() / x_T.std() < 2
+    assert torch.equal(steps[-1]["z"], z0)  # after the last step: the returned z_0
+    assert all(0.5 < s["x0"].std() < 4 for s in steps)  # the predicted z_0: O(1), as the data
+
+
+class PointMass(FakeLDM):
+    """The exact eps when all data is one latent c: eps = (z_t - sqrt(ab_t) c) / sqrt(1 - ab_t). On it each
+    deterministic sampler is exact: x0 = c at every step, z_t = sqrt(ab_t) c + sqrt(1 - ab_t) e (e fixed by
+    x_T), whatever its update rule, so all of them report the same numbers where they visit the same t."""
+
+    def __init__(self):
+        super().__init__(kind="unconditional")
+        self.c = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5)) * 0.7
+
+    @torch.no_grad()
+    def predict_noise(self, z, t, cond=None):
+        ab = self.alphas_cumprod[torch.as_tensor(t).long()].reshape(-1, 1, 1, 1)
+        return (z - ab.sqrt() * self.c) / (1 - ab).sqrt()
+
+
+def test_every_sampler_reports_in_the_same_space():
+    # "leading", S = 10, alpha-bar 1 after the last step: DDIM, PLMS and LMS visit the same states 900, 800,
+    # ..., 0, then z_0 (LMS in sigma, from sqrt(sigma_max^2 + 1) x_T: the same start). A sampler reporting
+    # another space (LMS's own state z_t / sqrt(ab_t): std ~5 at t = 800) fails by far more than that.
+    m = PointMass()
+    x_T = inputs()[0]
+    kw = dict(num_steps=10, timestep_spacing="leading", steps_offset=0)
+    ddim_z0, ddim_steps = run(samplers.ddim, m, x_T, set_alpha_to_one=True, **kw)
+    others = {"plms": dict(set_alpha_to_one=True), "lms": {}, "ddpm": {}}
+    for name, extra in others.items():
+        z0, steps = run_each(name, m, x_T, **kw, **extra)
+        for ours, ddim in zip(steps, ddim_steps, strict=True):
+            # 2e-5: float32 rounding of different but equivalent updates (measured: at most 5.4e-6)
+            torch.testing.assert_close(ours["x0"], m.c, rtol=0, atol=2e-5)
+            if name != "ddpm":  # DDPM's states are random; its x0 still is c
+                torch.testing.assert_close(ours["z"], ddim["z"], rtol=0, atol=2e-5)
+    torch.testing.assert_close(ddim_z0, m.c, rtol=0, atol=2e-5)
+
+
+def step_call(name):
+    """A step function and its arguments (tensors, lists of tensors or floats), as the loops call it."""
+    ab = make_alphas_cumprod(ScheduleConfig(**BETAS))
+    g = torch.Generator().manual_seed(3)
+    z, eps, noise, e1, e2, e3 = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(6))
+    cond, uncond = torch.randn(2, 2, 5, 8, generator=g)
+    sigmas = torch.tensor([9.0, 5.0, 2.0, 1.0, 0.0])
+    return {
+        "ddim_step": (samplers.ddim_step, [z, eps, ab[500], ab[480], ab[7], noise, True]),
+        "ddim_sigma": (samplers.ddim_sigma, [ab[500], ab[480], 0.5]),
+        "ddpm_step": (samplers.ddpm_step, [z, eps, ab[500], ab[480], noise, True]),
+        "plms_step": (samplers.plms_step, [z, eps, ab[500], ab[480]]),
+        "plms_eps": (samplers.plms_eps, [eps, [e1, e2, e3, z]]),
+        "lms_coefficients": (samplers.lms_coefficients, [sigmas.tolist(), 3, 4]),
+        "lms_step": (samplers.lms_step, [z, eps, sigmas, 3, [e1, e2, e3], 4]),
+        "guided_eps": (samplers.guided_eps, [FakeLDM(), z, 500, cond, uncond, 3.0]),
+    }[name]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ddim_step",
+        "ddim_sigma",
+        "ddpm_step",
+        "plms_step",
+        "plms_eps",
+        "lms_coefficients",
+        "lms_step",
+        "guided_eps",
+    ],
+)
+def test_step_functions_do_not_change_their_arguments(name):
+    fn, args = step_call(name)
+
+    def copy(x):
+        if isinstance(x, Tensor):
+            return x.clone()
+        return [copy(y) for y in x] if isinstance(x, list) else x
+
+    def same(x, y):
+        if isinstance(x, Tensor):
+            return torch.equal(x, y)
+        if isinstance(x, list):
+            return len(x) == len(y) and all(same(a, b) for a, b in zip(x, y, strict=True))
+        return True  # a model or a python number
+
+    before = [copy(x) for x in args]
+    fn(*args)
+    assert all(same(x, y) for x, y in zip(args, before, strict=True))
+
+
+def test_lms_step_returns_its_new_history():
+    sigmas = torch.tensor([9.0, 5.0, 2.0, 1.0, 0.0])
+    g = torch.Generator().manual_seed(0)
+    z, history = torch.randn(2, 4, 8, 8, generator=g), []
+    for i in range(4):
+        eps = torch.randn(2, 4, 8, 8, generator=g)
+        z, x0, new = samplers.lms_step(z, eps, sigmas, i, history, order=2)
+        assert len(new) == min(i + 1, 2) and new[:-1] == tuple(history[-1:])  # oldest first, at most 2
+        torch.testing.assert_close(new[-1], eps, rtol=0, atol=1e-5)  # dz/dsigma = (z - x0) / sigma = eps
+        history = new
+
+
+def test_sampler_options_are_the_loops_parameters():
+    common = {"m", "x_T", "num_steps", "cond", "uncond", "guidance_scale", "callback", "progress"}
+    assert set(samplers.SAMPLERS) == set(samplers.SAMPLER_OPTIONS) == {"ddim", "plms", "lms", "ddpm"}
+    for name, fn in samplers.SAMPLERS.items():
+        assert fn.__name__ == name
+        params = list(inspect.signature(fn).parameters)
+        assert set(params) == common | set(samplers.SAMPLER_OPTIONS[name]), name
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(sampler="euler"), "unknown sampler 'euler'"),
+        (dict(sampler="plms", eta=0.5), "eta=0.5 needs sampler='ddim'"),
+        (dict(sampler="ddim", eta=-0.1), "eta >= 0"),
+        (dict(sampler="lms", noise=torch.zeros(1)), "'lms' is deterministic"),
+        (dict(sampler="lms", set_alpha_to_one=True), r"'lms' has no option\(s\) \['set_alpha_to_one'\]"),
+        (dict(sampler="ddpm", set_alpha_to_one=False), "'ddpm' has no option"),
+        (dict(sampler="ddim", order=2), "'ddim' has no option.*order"),
+        (dict(sampler="lms", order=5), "order must be 1, 2, 3 or 4"),
+        (dict(sampler="plms", set_alpha_to_one=1), "set_alpha_to_one must be True or False"),
+        (dict(sampler="ddim", timestep_spacing="uniform"), "timestep_spacing"),
+        (
+            dict(sampler="ddim", timestep_spacing="leading", steps_offset=1),
+            "steps_offset 1 puts timestep 1000",
+        ),
+        (dict(num_steps=0), "num_steps"),
+    ],
+)
+def test_check_settings_names_the_problem_and_the_fix(kw, match):
+    kw = {"num_steps": 1000, **kw}
+    with pytest.raises(ValueError, match=match):
+        samplers.check_settings(1000, **kw)
+
+
+def test_check_settings_accepts_what_the_loops_take():
+    for name, options in samplers.SAMPLER_OPTIONS.items():
+        samplers.check_settings(1000, 50, sampler=name, eta=0.0, timestep_spacing="trailing", steps_offset=1)
+        if "noise" in options:
+            samplers.check_settings(1000, 50, sampler=name, noise=torch.zeros(50, 1))
+    samplers.check_settings(1000, 50, sampler="ddim", eta=1.0, set_alpha_to_one=False)
+    samplers.check_settings(1000, 50, sampler="lms", order=1)
 
 
 # --- guidance and bad input -----------------------------------------------------------------------
