@@ -41,6 +41,7 @@ from .hub import DownloadError, is_hub_id, load, resolve
 from .loading import DTYPES, build_empty, read_metadata, write_atomically
 from .verify import DEFAULT_PROMPT
 
+DEFAULT_OUT = "outputs"
 MAX_IMAGES = 100_000  # -n: more is surely a typo (and the list of output names alone would fill memory)
 KINDS = {"txt2img": "txt2img", "sample": "unconditional", "upscale": "superres"}  # command -> model kind
 PIPELINES = {"txt2img": pipeline.txt2img, "sample": pipeline.unconditional, "upscale": pipeline.superres}
@@ -84,8 +85,23 @@ def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "image"
 
 
-def output_paths(out: str, stem: str, seeds: list[int], force: bool, parser) -> list[Path]:
-    """--out: a .png file (with -n N: name-0.png ... name-{N-1}.png) or a folder (stem-SEED.png in it)."""
+def next_free(path: Path) -> Path:
+    """path, or the first of name-1.png, name-2.png, ... that does not exist (as the CompVis scripts number
+    their outputs): for the default --out, so that the same command twice keeps both images."""
+    n, free = 0, path
+    while free.exists():
+        n += 1
+        free = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return free
+
+
+def output_paths(out: str | None, stem: str, seeds: list[int], force: bool, parser) -> list[Path]:
+    """--out: a .png file (with -n N: name-0.png ... name-{N-1}.png) or a folder (stem-SEED.png in it).
+    No --out: outputs/stem-SEED.png, numbered on (stem-SEED-1.png, ...) rather than refused when taken."""
+    if out is None:
+        paths = [next_free(Path(DEFAULT_OUT) / f"{stem}-{s}.png") for s in seeds]
+        check_writable(paths, out, parser)
+        return paths
     target = Path(out)
     if target.suffix.lower() == ".png":
         many = [target.with_name(f"{target.stem}-{i}.png") for i in range(len(seeds))]
@@ -97,6 +113,11 @@ def output_paths(out: str, stem: str, seeds: list[int], force: bool, parser) -> 
     if not force and (taken := [str(p) for p in paths if p.exists()]):
         verb = "exists" if len(taken) == 1 else "exist"
         parser.error(f"{', '.join(taken)} already {verb}: pass --force to overwrite, or choose another --out")
+    check_writable(paths, out, parser)
+    return paths
+
+
+def check_writable(paths: list[Path], out: str | None, parser) -> None:
     for folder in sorted({p.parent for p in paths}):  # writable? found out now, not after sampling
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -104,8 +125,8 @@ def output_paths(out: str, stem: str, seeds: list[int], force: bool, parser) -> 
             os.close(fd)
             os.unlink(probe)
         except OSError as e:
-            parser.error(f"--out {out}: cannot write into {folder} ({e.strerror or e}); choose another --out")
-    return paths
+            parser.error(f"--out {out or DEFAULT_OUT}: cannot write into {folder} ({e.strerror or e}); "
+                         "choose another --out")  # fmt: skip
 
 
 def save_png(image, path: Path, fields: dict, force: bool) -> None:
@@ -196,8 +217,16 @@ def run_sampling(args, parser) -> int:
             )
             raise SystemExit(f"error: {reason}{hint} (nothing was written for seed {seed})") from e
         size = f"{image.size[0]}x{image.size[1]}"
+        text = {**fields, "seed": seed, "size": size, "software": "ldm_mini"}
         try:
-            save_png(image, out, {**fields, "seed": seed, "size": size, "software": "ldm_mini"}, args.force)
+            while True:
+                try:
+                    save_png(image, out, text, args.force)
+                    break
+                except FileExistsError:
+                    if args.out is not None:
+                        raise
+                    out = next_free(out)  # another run took the name meanwhile: the next number
         except OSError as e:  # a full disk, a size limit, or the name taken meanwhile: nothing half-written
             raise SystemExit(f"error: could not write {out}: {e.strerror or e}") from e
         print(f"wrote {out} ({size}, seed {seed})")
@@ -269,7 +298,8 @@ def add_sampling_options(p: argparse.ArgumentParser, command: str) -> None:
     if command != "upscale":
         p.add_argument("--height", type=int, help="in pixels (default: the size the model was trained at)")
         p.add_argument("--width", type=int, help="in pixels (default: the size the model was trained at)")
-    p.add_argument("--out", default="outputs", help="a folder (default outputs/) or a .png file")
+    p.add_argument("--out", help=f"a folder or a .png file (default: {DEFAULT_OUT}/, where a taken name is "
+                   "numbered on instead of refused)")  # fmt: skip
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="default auto")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="cast the weights (default: as stored)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")

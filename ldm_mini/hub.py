@@ -43,9 +43,15 @@ class DownloadError(Exception):
     """The hub cannot be reached and the cache does not have the repository; the CLI prints one line."""
 
 
+FILE_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth", ".png", ".yaml", ".json")
+
+
 def is_hub_id(spec: str) -> bool:
-    """owner/name that is not an existing path and not a .safetensors file name."""
-    return bool(HUB_ID.match(spec)) and not Path(spec).exists() and not spec.endswith(".safetensors")
+    """owner/name, unless it reads as a local path: it exists, its folder exists here (models/celebahq.sft,
+    a typo, is a missing file, not a repository), or it ends like a file name."""
+    path = Path(spec)
+    local = path.exists() or path.parent.is_dir() or spec.lower().endswith(FILE_SUFFIXES)
+    return bool(HUB_ID.match(spec)) and not local
 
 
 def wanted_files(files: list[str]) -> list[str]:
