@@ -14,8 +14,9 @@ Sections (--only picks; each one runs alone):
     superres  the 512x512 -> 2048x2048 super-resolution of benchmarks/superres_large.py, fresh process
 
 Method (nanoGPT bench.py style): both implementations hold the SAME tensors (ours gets diffusers' state_dict
-with assign=True), random weights drawn from the published configs (tests/realconfigs) scaled by
-1/sqrt(fan_in) so activations stay of order 1 and differences mean something. The call that gives the output
+with assign=True, renamed by loading.from_diffusers_names); random weights drawn from the published configs
+(tests/realconfigs) scaled by 1/sqrt(fan_in) so activations stay of order 1 and differences mean something.
+The call that gives the output
 is the warm-up, then --reps timed calls (the median; a single one when a call takes over 5 s), a device sync
 before each clock read. Every row states max |ours - diffusers| so that a speed-up never hides a different
 result; the half-precision rows state max |ours half - ours float32| instead. FLOPs are counted by torch's
@@ -123,13 +124,15 @@ def build_ref(cls, cfg: dict, seed: int):
 
 
 def ours_like(ref: torch.nn.Module, make, strip: str = "") -> torch.nn.Module:
-    """ldm_mini's model holding the reference's own tensors (no copy): keys are equal by contract."""
+    """ldm_mini's model holding the reference's own tensors (no copy), under ldm_mini's key names."""
+    from ldm_mini.loading import from_diffusers_names
+
     with torch.device("meta"):
         ours = make()
     state = {k.removeprefix(strip): v for k, v in ref.state_dict().items() if k.startswith(strip)}
     if strip:  # LDMBertModel: drop the unused language-model head (to_logits)
         state = {k: v for k, v in state.items() if not k.startswith("to_logits")}
-    ours.load_state_dict(state, strict=True, assign=True)
+    ours.load_state_dict(from_diffusers_names(state), strict=True, assign=True)
     return ours.eval().requires_grad_(False)
 
 

@@ -27,6 +27,7 @@ import torch
 
 import ldm_mini
 from ldm_mini.autoencoder import VQ_F4, VQModel
+from ldm_mini.loading import to_diffusers_names
 from ldm_mini.model import LatentDiffusion
 from ldm_mini.schedule import ScheduleConfig
 from ldm_mini.tiling import TiledModel
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         from .bench_vs_diffusers import config
 
         ref = UNet2DModel.from_config(config("ldm-super-resolution-4x-openimages/unet/config.json"))
-        ref.load_state_dict(m.unet.state_dict(), strict=True, assign=True)
+        ref.load_state_dict(to_diffusers_names(m.unet.state_dict()), strict=True, assign=True)
         ref = ref.to(device, dtype).eval()
         x = torch.cat([torch.randn_like(low), low], dim=1)
         times = {}

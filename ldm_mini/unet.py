@@ -12,7 +12,9 @@ Three kinds of conditioning, one class:
   TEXT2IM_256   cross-attention to LDMBert tokens, context (B, 77, 1280)    (SpatialTransformer blocks)
   CELEBAHQ_256  unconditional                                              (plain self-attention blocks)
   SUPERRES_4X   the low-res image is concatenated to z_t on dim 1 before the call (in_channels 3 + 3 = 6)
-state_dict keys equal diffusers' UNet2DConditionModel (context_dim set) / UNet2DModel (context_dim None).
+state_dict keys are the names of diffusers' UNet2DConditionModel (context_dim set) / UNet2DModel (context_dim
+None) but for the fragments of loading.DIFFUSERS_RENAMES (diffusers' to_out.0 is to_out here, ff.net.0.proj
+and ff.net.2 are ff.proj_in and ff.proj_out): the modules read as the math, not as a Sequential of slots.
 """
 
 import math
@@ -195,7 +197,7 @@ class Attention(nn.Module):
         self.to_q = nn.Linear(query_dim, heads * head_dim, bias=qkv_bias)
         self.to_k = nn.Linear(context_dim, heads * head_dim, bias=qkv_bias)
         self.to_v = nn.Linear(context_dim, heads * head_dim, bias=qkv_bias)
-        self.to_out = nn.Sequential(nn.Linear(heads * head_dim, query_dim))  # to_out.0 (.1 was a Dropout)
+        self.to_out = nn.Linear(heads * head_dim, query_dim)  # diffusers: to_out.0 (to_out.1 is a Dropout)
         self.keep_attention = False
         self.attention_probs: Tensor | None = None
 
@@ -210,7 +212,7 @@ class Attention(nn.Module):
         if self.keep_attention:  # the same softmax, written out to be kept
             scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, heads, N, L)
             self.attention_probs = scores.softmax(dim=-1).detach()  # each query's weights over the L keys
-        return linear(self.to_out[0], out.transpose(1, 2).flatten(2))  # (B, N, C)
+        return linear(self.to_out, out.transpose(1, 2).flatten(2))  # (B, N, C)
 
 
 class SelfAttentionBlock(Attention):
@@ -229,27 +231,22 @@ class SelfAttentionBlock(Attention):
         return out + x
 
 
-class GEGLU(nn.Module):
-    """GELU-gated linear unit (Shazeer 2020, arXiv:2002.05202): (x W) * gelu(x V), one Linear for both."""
-
-    def __init__(self, dim: int, inner_dim: int):
-        super().__init__()
-        self.proj = nn.Linear(dim, 2 * inner_dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h, gate = linear(self.proj, x).chunk(2, dim=-1)  # (B, N, inner) each
-        return h * F.gelu(gate)
-
-
 class FeedForward(nn.Module):
-    """GEGLU MLP of width 4 * dim, as CompVis' FeedForward (its Dropout in slot 1 has p = 0)."""
+    """GEGLU MLP (Shazeer 2020, arXiv:2002.05202), width 4 * dim: [h | gate] = x W_in, (h * gelu(gate)) W_out.
+
+    proj_in is the GEGLU's one Linear for both the value h and the gate, as in CompVis' GEGLU. (CompVis and
+    diffusers hold the three steps in a Sequential, GEGLU, Dropout(p = 0), Linear: keys ff.net.0.proj,
+    ff.net.2, renamed by loading.DIFFUSERS_RENAMES.)
+    """
 
     def __init__(self, dim: int):
         super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Dropout(0.0), nn.Linear(4 * dim, dim))
+        self.proj_in = nn.Linear(dim, 2 * 4 * dim)
+        self.proj_out = nn.Linear(4 * dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(self.net[2], self.net[0](x))  # GEGLU, then the output Linear (net[1]: Dropout(0))
+        h, gate = linear(self.proj_in, x).chunk(2, dim=-1)  # (B, N, 4*dim) each
+        return linear(self.proj_out, h * F.gelu(gate))  # (B, N, dim)
 
 
 class TransformerBlock(nn.Module):

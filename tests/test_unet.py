@@ -15,6 +15,7 @@ import yaml
 from diffusers import UNet2DConditionModel, UNet2DModel
 from helpers import randomize_
 
+from ldm_mini.loading import from_diffusers_names
 from ldm_mini.unet import CELEBAHQ_256, SUPERRES_4X, TEXT2IM_256, Attention, UNet, UNetConfig
 
 REALCONFIGS = Path(__file__).parent / "realconfigs"
@@ -67,7 +68,7 @@ def pair(cfg: UNetConfig, seed: int = 0):
     ref = diffusers_unet(cfg).eval()
     randomize_(ref, seed)
     ours = UNet(cfg).eval()
-    ours.load_state_dict(ref.state_dict(), strict=True)
+    ours.load_state_dict(from_diffusers_names(ref.state_dict()), strict=True)
     return ours, ref
 
 
@@ -178,7 +179,7 @@ def test_presets_match_published_configs(preset, hub_dir, yaml_path):
     with torch.device("meta"):
         ref = cls.from_config(config)
         ours = UNet(preset)
-    want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    want = {k: tuple(v.shape) for k, v in from_diffusers_names(ref.state_dict()).items()}
     got = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     only_ours, only_ref = sorted(got.keys() - want.keys()), sorted(want.keys() - got.keys())
     assert not only_ours and not only_ref, (only_ours[:5], only_ref[:5])
