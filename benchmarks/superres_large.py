@@ -26,6 +26,7 @@ import time
 import torch
 
 import ldm_mini
+from ldm_mini import fast
 from ldm_mini.autoencoder import VQ_F4, VQModel
 from ldm_mini.loading import to_diffusers_names
 from ldm_mini.model import LatentDiffusion
@@ -47,8 +48,10 @@ def build(device: torch.device, dtype: torch.dtype) -> LatentDiffusion:
     with torch.device("meta"):
         unet, vq = UNet(SUPERRES_4X), VQModel(VQ_F4)
     unet, vq = randomize_(unet.to_empty(device="cpu"), 11), randomize_(vq.to_empty(device="cpu"), 13)
-    m = LatentDiffusion("superres", unet, vq, SCHEDULE, 1.0)
-    return m.to(device, dtype).eval().requires_grad_(False)
+    m = LatentDiffusion("superres", unet, vq, SCHEDULE, 1.0).to(device, dtype)
+    if fast.default_on(device):  # as ldm_mini.load does
+        fast.enable(m)
+    return m.eval().requires_grad_(False)
 
 
 def test_image(size: int) -> torch.Tensor:

@@ -30,8 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .unet import linear  # layer(x), on a CPU in float32 through oneDNN's faster kernels (see there)
-
 
 @dataclass(frozen=True)
 class LDMBertConfig:
@@ -60,8 +58,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # 1/sqrt(head_dim) (not 1/sqrt(n_embed)) is applied to q before the product, as diffusers does.
-        q = linear(self.q_proj, x) * self.head_dim**-0.5  # (B, L, dim) -> (B, L, heads*head_dim)
-        k, v = linear(self.k_proj, x), linear(self.v_proj, x)
+        q = self.q_proj(x) * self.head_dim**-0.5  # (B, L, dim) -> (B, L, heads*head_dim)
+        k, v = self.k_proj(x), self.v_proj(x)
         q, k, v = (y.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2) for y in (q, k, v))
         # q, k, v: (B, heads, L, head_dim)
         if x.dtype == torch.float16:
@@ -75,7 +73,7 @@ class SelfAttention(nn.Module):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         weights = F.softmax(q @ k.transpose(-1, -2), dim=-1)  # (B, heads, L, L): each query over all keys
         out = (weights @ v).to(x.dtype).transpose(1, 2).flatten(2)  # (B, L, heads*head_dim)
-        return linear(self.out_proj, out)  # (B, L, dim)
+        return self.out_proj(out)  # (B, L, dim)
 
 
 class EncoderLayer(nn.Module):
@@ -91,8 +89,8 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.self_attn(self.self_attn_layer_norm(x))
-        h = F.gelu(linear(self.fc1, self.final_layer_norm(x)))  # exact (erf) GELU, not the tanh approximation
-        return x + linear(self.fc2, h)  # (B, L, dim)
+        h = F.gelu(self.fc1(self.final_layer_norm(x)))  # exact (erf) GELU, not the tanh approximation
+        return x + self.fc2(h)  # (B, L, dim)
 
 
 class LDMBert(nn.Module):

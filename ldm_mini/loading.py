@@ -22,7 +22,8 @@ train.py for the embedded model):
 
 Loading builds every module on the meta device (no wasted random init), checks that the file has
 exactly the keys and shapes the model expects, then assigns the file's tensors (mmap'd by
-safetensors) as parameters.
+safetensors) as parameters. With `fast` (the default on a CPU, see ldm_mini/fast.py) it then swaps in the
+CPU speed layers: the same parameters, other kernels.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from . import fast as fast_layers
 from .autoencoder import AutoencoderConfig, build_autoencoder
 from .bert import LDMBert, LDMBertConfig
 from .model import LatentDiffusion
@@ -243,12 +245,14 @@ def load_file(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
+    fast: bool | None = None,
 ) -> LatentDiffusion:
     """Read one weight file as an eval-mode model. (ldm_mini.load finds the file: an embedded name, a path or
     a hub id, see hub.py.)
 
     device: where the parameters go (default CPU); dtype: cast floating-point weights (default: as stored
-    in the file, float32 for float32 files).
+    in the file, float32 for float32 files); fast: swap in ldm_mini.fast's CPU layers (None: where they are
+    faster, fast.default_on(device); False: plain PyTorch layers, bit-identical to diffusers).
     """
     path = Path(path)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -264,4 +268,8 @@ def load_file(
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.alphas_cumprod = model.alphas_cumprod.to(device)  # the only non-persistent buffer
+    if fast is None:
+        fast = fast_layers.default_on(device)
+    if fast:
+        fast_layers.enable(model)
     return model.eval().requires_grad_(False)
