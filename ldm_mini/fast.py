@@ -26,10 +26,11 @@ against diffusers at atol 1e-5; the plain layers at 0.0).
 enable(model) swaps them into every UNet and LDMBert inside `model` (a LatentDiffusion, a UNet, an LDMBert):
 every nn.Linear becomes a FastLinear, every 3x3 stride-1 padding-1 nn.Conv2d a FastConv3x3; the autoencoder
 stays plain (its convs run at high resolution, where there is nothing to gain). disable(model) puts the plain
-layers back. ldm_mini.load() enables them where default_on(device): on a CPU with oneDNN (mkldnn) in the
-build; load(..., fast=False) and the command line's --no-fast keep the plain layers. Models built directly
-(UNet(cfg)) are plain. The figures were measured on one AMD CPU; on Intel CPUs MKL's sgemm uses AVX-512 too,
-and FastLinear may gain less there (not measured).
+layers back (hooks registered on a swapped layer do not move with it). ldm_mini.load() enables them where
+default_on(device): on a CPU with oneDNN (mkldnn) in the build; load(..., fast=False) and the command line's
+--no-fast keep the plain layers. Models built directly (UNet(cfg)) are plain. The figures were measured on
+one AMD CPU (benchmarks/RESULTS.md); on Intel CPUs MKL's sgemm uses AVX-512 too, and FastLinear may gain
+less there (not measured).
 """
 
 from __future__ import annotations
