@@ -3,6 +3,7 @@
     python -m benchmarks.bench_vs_diffusers                        # every section, float32 + bfloat16, CPU
     python -m benchmarks.bench_vs_diffusers --only unet bert       # some sections
     python -m benchmarks.bench_vs_diffusers --device cuda --half float16
+    python -m benchmarks.bench_vs_diffusers --only unet --no-fast   # ldm_mini's plain layers
 
 Sections (--only picks; each one runs alone):
     peak      a large torch.mm: the machine's measured matmul peak, float32 and the half dtype (GFLOP/s)
@@ -14,12 +15,14 @@ Sections (--only picks; each one runs alone):
     superres  the 512x512 -> 2048x2048 super-resolution of benchmarks/superres_large.py, fresh process
 
 Method (nanoGPT bench.py style): both implementations hold the SAME tensors (ours gets diffusers' state_dict
-with assign=True), random weights drawn from the published configs (tests/realconfigs) scaled by
-1/sqrt(fan_in) so activations stay of order 1 and differences mean something. The call that gives the output
-is the warm-up, then --reps timed calls (the median; a single one when a call takes over 5 s), a device sync
-before each clock read. Every row states max |ours - diffusers| so that a speed-up never hides a different
-result; the half-precision rows state max |ours half - ours float32| instead. FLOPs are counted by torch's
-FlopCounterMode on the meta device (convolutions, matmuls and attention; elementwise work is not counted).
+with assign=True, renamed by loading.from_diffusers_names), ours with ldm_mini.fast's layers where
+ldm_mini.load enables them (--no-fast: the plain layers, bit-identical to diffusers); random weights drawn
+from the published configs (tests/realconfigs) scaled by 1/sqrt(fan_in) so activations stay of order 1 and
+differences mean something. The call that gives the output is the warm-up, then --reps timed calls (the
+median; a single one when a call takes over 5 s), a device sync before each clock read. Every row states
+max |ours - diffusers| so that a speed-up never hides a different result; the half-precision rows state
+max |ours half - ours float32| instead. FLOPs are counted by torch's FlopCounterMode on the meta device
+(convolutions, matmuls and attention; elementwise work is not counted).
 Peak memory is the peak resident set size (CPU) or torch.cuda.max_memory_allocated (CUDA) of a fresh process.
 """
 
@@ -123,14 +126,23 @@ def build_ref(cls, cfg: dict, seed: int):
 
 
 def ours_like(ref: torch.nn.Module, make, strip: str = "") -> torch.nn.Module:
-    """ldm_mini's model holding the reference's own tensors (no copy): keys are equal by contract."""
+    """ldm_mini's model holding the reference's own tensors (no copy), under ldm_mini's key names."""
+    from ldm_mini.loading import from_diffusers_names
+
     with torch.device("meta"):
         ours = make()
     state = {k.removeprefix(strip): v for k, v in ref.state_dict().items() if k.startswith(strip)}
     if strip:  # LDMBertModel: drop the unused language-model head (to_logits)
         state = {k: v for k, v in state.items() if not k.startswith("to_logits")}
-    ours.load_state_dict(state, strict=True, assign=True)
+    ours.load_state_dict(from_diffusers_names(state), strict=True, assign=True)
     return ours.eval().requires_grad_(False)
+
+
+def speed_layers(model: torch.nn.Module, device: torch.device, args) -> torch.nn.Module:
+    """ldm_mini.fast's layers where ldm_mini.load would swap them in, unless --no-fast."""
+    from ldm_mini import fast
+
+    return fast.enable(model) if fast.default_on(device) and not args.no_fast else model
 
 
 def unet_case(name: str):
@@ -249,7 +261,8 @@ def unet_row(name, args, device, out):
     flops = flops_of(lambda: UNet(preset), inputs)
     ref, ours = ref.to(device), ours.to(device)
     inputs = [x.to(device) for x in inputs]
-    half = cast(ours, HALF[args.half], device)
+    half = speed_layers(cast(ours, HALF[args.half], device), device, args)
+    ours = speed_layers(ours, device, args)
     half_inputs = [x.to(HALF[args.half]) if x.is_floating_point() else x for x in inputs]
     peak = out.get("peak_gflops", {}).get("float32")
     with torch.no_grad():
@@ -267,7 +280,8 @@ def section_bert(args, device, out):
     ref = build_ref(lambda c: LDMBertModel(LDMBertConfig(**c)), bert_config, 12)
     ours = ours_like(ref, lambda: LDMBert(OurConfig()), strip="model.")
     ref, ours = ref.to(device), ours.to(device)
-    half = cast(ours, HALF[args.half], device)
+    half = speed_layers(cast(ours, HALF[args.half], device), device, args)
+    ours = speed_layers(ours, device, args)
     ids = torch.randint(0, 30522, (2, 77), generator=torch.Generator().manual_seed(2)).to(device)
     table_header()
     with torch.no_grad():
@@ -457,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "ldm_mini_bench",
                         help="where load/memory write the text2im files (kept for the next run)")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
+    parser.add_argument("--no-fast", action="store_true", help="unet, bert: ldm_mini's plain layers")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

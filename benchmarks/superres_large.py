@@ -26,7 +26,9 @@ import time
 import torch
 
 import ldm_mini
+from ldm_mini import fast
 from ldm_mini.autoencoder import VQ_F4, VQModel
+from ldm_mini.loading import to_diffusers_names
 from ldm_mini.model import LatentDiffusion
 from ldm_mini.schedule import ScheduleConfig
 from ldm_mini.tiling import TiledModel
@@ -46,8 +48,10 @@ def build(device: torch.device, dtype: torch.dtype) -> LatentDiffusion:
     with torch.device("meta"):
         unet, vq = UNet(SUPERRES_4X), VQModel(VQ_F4)
     unet, vq = randomize_(unet.to_empty(device="cpu"), 11), randomize_(vq.to_empty(device="cpu"), 13)
-    m = LatentDiffusion("superres", unet, vq, SCHEDULE, 1.0)
-    return m.to(device, dtype).eval().requires_grad_(False)
+    m = LatentDiffusion("superres", unet, vq, SCHEDULE, 1.0).to(device, dtype)
+    if fast.default_on(device):  # as ldm_mini.load does
+        fast.enable(m)
+    return m.eval().requires_grad_(False)
 
 
 def test_image(size: int) -> torch.Tensor:
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         from .bench_vs_diffusers import config
 
         ref = UNet2DModel.from_config(config("ldm-super-resolution-4x-openimages/unet/config.json"))
-        ref.load_state_dict(m.unet.state_dict(), strict=True, assign=True)
+        ref.load_state_dict(to_diffusers_names(m.unet.state_dict()), strict=True, assign=True)
         ref = ref.to(device, dtype).eval()
         x = torch.cat([torch.randn_like(low), low], dim=1)
         times = {}

@@ -200,7 +200,7 @@ def prepare(args, parser) -> tuple[Path, object, dict, dict, list[Path], list[in
 def run_sampling(args, parser) -> int:
     path, first, call, fields, outputs, seeds = prepare(args, parser)
     device = pick_device(args.device, parser)
-    m = load(path, device=device, dtype=args.dtype)
+    m = load(path, device=device, dtype=args.dtype, fast=False if args.no_fast else None)
     fn = PIPELINES[args.command]
     for i, (seed, out) in enumerate(zip(seeds, outputs, strict=True)):
         if len(seeds) > 1:
@@ -302,6 +302,11 @@ def add_sampling_options(p: argparse.ArgumentParser, command: str) -> None:
                    "numbered on instead of refused)")  # fmt: skip
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="default auto")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="cast the weights (default: as stored)")
+    p.add_argument(
+        "--no-fast",
+        action="store_true",
+        help="plain PyTorch layers: bit-identical to diffusers, slower on some CPUs",
+    )
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
 
 

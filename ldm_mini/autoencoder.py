@@ -11,7 +11,8 @@ VAE   Kingma & Welling 2014, arXiv:1312.6114: reparameterised sample z = mu + si
 VQ    van den Oord et al. 2017, arXiv:1711.00937: z_q = e_k with k = argmin_j ||z_e - e_j||_2 (Eq. 1-2).
 The network is the VQGAN/LDM convolutional encoder/decoder (CompVis `diffusionmodules/model.py`): ResNet
 blocks, one single-head self-attention in the middle, stride-2 convs down and nearest-neighbour x2 up.
-Images are (B, 3, H, W) in [-1, 1]. State-dict keys equal diffusers' AutoencoderKL / VQModel.
+Images are (B, 3, H, W) in [-1, 1]. State-dict keys are diffusers' AutoencoderKL / VQModel names, but for
+the attention's to_out (diffusers' to_out.0, see loading.DIFFUSERS_RENAMES).
 """
 
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ def check_config(cfg: AutoencoderConfig) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Building blocks (keys: norm1/conv1/norm2/conv2/conv_shortcut, group_norm/to_q/to_k/to_v/to_out.0, conv)
+# Building blocks (keys: norm1/conv1/norm2/conv2/conv_shortcut, group_norm/to_q/to_k/to_v/to_out, conv)
 
 
 class ResnetBlock(nn.Module):
@@ -103,7 +104,7 @@ class SelfAttention(nn.Module):
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
-        self.to_out = nn.Sequential(nn.Linear(channels, channels))  # diffusers' slot 1: Dropout, no weights
+        self.to_out = nn.Linear(channels, channels)  # diffusers: to_out.0 (to_out.1 is a Dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape

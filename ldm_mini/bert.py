@@ -30,8 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .unet import linear  # layer(x), on a CPU in float32 through oneDNN's faster kernels (see there)
-
 
 @dataclass(frozen=True)
 class LDMBertConfig:
@@ -59,21 +57,23 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(inner, dim)  # with bias
 
     def forward(self, x: Tensor) -> Tensor:
-        # 1/sqrt(head_dim) (not 1/sqrt(n_embed)) is applied to q before the product, as diffusers does:
-        # the same value as SDPA's default scale, but rounded like the reference.
-        q = linear(self.q_proj, x) * self.head_dim**-0.5  # (B, L, dim) -> (B, L, heads*head_dim)
-        k, v = linear(self.k_proj, x), linear(self.v_proj, x)
+        # 1/sqrt(head_dim) (not 1/sqrt(n_embed)) is applied to q before the product, as diffusers does.
+        q = self.q_proj(x) * self.head_dim**-0.5  # (B, L, dim) -> (B, L, heads*head_dim)
+        k, v = self.k_proj(x), self.v_proj(x)
         q, k, v = (y.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2) for y in (q, k, v))
         # q, k, v: (B, heads, L, head_dim)
         if x.dtype == torch.float16:
-            # float16 tops out at 65504: a kernel that stores the logits q.k (a sum over head_dim products)
-            # in float16 can overflow to inf, and softmax then gives NaN (inf - inf). The attention is tiny
-            # (77 x 77 per head), so it runs in float32 and only its result is cast back. (diffusers keeps
-            # float16 attention and instead clamps an inf in each layer's float16 output.)
+            # float16 tops out at 65504: logits q.k (a sum over head_dim products) stored in float16 can
+            # overflow to inf, and softmax then gives NaN (inf - inf). The attention is tiny (77 x 77 per
+            # head), so it runs in float32 and only its result is cast back. (diffusers keeps float16
+            # attention and instead clamps an inf in each layer's float16 output.)
             q, k, v = q.float(), k.float(), v.float()
-        out = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # q already scaled; (B, heads, L, head_dim)
-        out = out.to(x.dtype).transpose(1, 2).flatten(2)  # (B, L, heads*head_dim)
-        return linear(self.out_proj, out)  # (B, L, dim)
+        # Contiguous heads and the products written out, as diffusers: the memory layout picks the matmul
+        # kernel, and a fused attention kernel sums in another order (~1e-6 from diffusers, not 0).
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        weights = F.softmax(q @ k.transpose(-1, -2), dim=-1)  # (B, heads, L, L): each query over all keys
+        out = (weights @ v).to(x.dtype).transpose(1, 2).flatten(2)  # (B, L, heads*head_dim)
+        return self.out_proj(out)  # (B, L, dim)
 
 
 class EncoderLayer(nn.Module):
@@ -89,8 +89,8 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.self_attn(self.self_attn_layer_norm(x))
-        h = F.gelu(linear(self.fc1, self.final_layer_norm(x)))  # exact (erf) GELU, not the tanh approximation
-        return x + linear(self.fc2, h)  # (B, L, dim)
+        h = F.gelu(self.fc1(self.final_layer_norm(x)))  # exact (erf) GELU, not the tanh approximation
+        return x + self.fc2(h)  # (B, L, dim)
 
 
 class LDMBert(nn.Module):

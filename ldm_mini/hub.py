@@ -152,9 +152,11 @@ def load(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
+    fast: bool | None = None,
 ) -> LatentDiffusion:
     """An eval-mode model from an embedded name (default "shapes"), a converted file or a hub id (resolve).
 
-    device: where the parameters go (default CPU); dtype: cast floating-point weights (default: as stored).
+    device: where the parameters go (default CPU); dtype: cast floating-point weights (default: as stored);
+    fast: ldm_mini.fast's CPU layers (None: where faster; False: plain layers, bit-identical to diffusers).
     """
-    return load_file(resolve(weights), device=device, dtype=dtype)
+    return load_file(resolve(weights), device=device, dtype=dtype, fast=fast)

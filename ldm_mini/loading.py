@@ -3,10 +3,12 @@
 The file format (written by weights_tools from diffusers folders or CompVis .ckpt files, and by
 train.py for the embedded model):
 
-    tensors   "unet.*", "autoencoder.*", "text_encoder.*": ldm_mini's own key names, which are the
-              modern diffusers names (weights_tools translates every other layout through tables)
+    tensors   "unet.*", "autoencoder.*", "text_encoder.*": ldm_mini's own key names (= its module names),
+              which are the modern diffusers names but for the fragments of DIFFUSERS_RENAMES below
+              (weights_tools translates every other layout through tables)
     metadata  (safetensors allows str -> str only, so configs are JSON)
-        format               "ldm_mini/1"
+        format               "ldm_mini/2" ("ldm_mini/1" files, from before the renames, hold diffusers'
+                             names unchanged: load_file renames their keys through the same table)
         kind                 "txt2img" | "unconditional" | "superres"
         unet_config          UNetConfig as JSON
         autoencoder_config   AutoencoderConfig as JSON
@@ -20,7 +22,8 @@ train.py for the embedded model):
 
 Loading builds every module on the meta device (no wasted random init), checks that the file has
 exactly the keys and shapes the model expects, then assigns the file's tensors (mmap'd by
-safetensors) as parameters.
+safetensors) as parameters. With `fast` (the default on a CPU, see ldm_mini/fast.py) it then swaps in the
+CPU speed layers: the same parameters, other kernels.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from . import fast as fast_layers
 from .autoencoder import AutoencoderConfig, build_autoencoder
 from .bert import LDMBert, LDMBertConfig
 from .model import LatentDiffusion
@@ -44,10 +48,41 @@ from .schedule import ScheduleConfig
 from .tokenizer import Tokenizer
 from .unet import UNet, UNetConfig
 
-FORMAT = "ldm_mini/1"
+FORMAT = "ldm_mini/2"
+FORMATS = ("ldm_mini/1", FORMAT)  # what load_file reads; it writes FORMAT
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 EMBEDDED = {"shapes": WEIGHTS_DIR / "shapes.safetensors"}  # shipped inside the package (train.py)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# --- key names: ldm_mini's = diffusers' but for these fragments -------------------------------------------
+# diffusers (as CompVis) keeps a few layers in Sequentials whose other slots hold no weights; ldm_mini names
+# the layer. (diffusers fragment, ldm_mini fragment); a fragment is matched once per key, dots included.
+DIFFUSERS_RENAMES = [
+    (".to_out.0.", ".to_out."),  # attention output Linear (diffusers' to_out.1 is a Dropout)
+    (".ff.net.0.proj.", ".ff.proj_in."),  # the GEGLU's joint value + gate Linear
+    (".ff.net.2.", ".ff.proj_out."),  # feed-forward output Linear (net.1 is Dropout(0))
+]
+
+
+def _rename(state: dict[str, Tensor], table: list[tuple[str, str]]) -> dict[str, Tensor]:
+    out = {}
+    for key, value in state.items():
+        key = "." + key  # so that a fragment also matches at the start of a key
+        for old, new in table:
+            key = key.replace(old, new, 1)
+        out[key[1:]] = value
+    return out
+
+
+def from_diffusers_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A state dict with diffusers' key names (of a UNet, autoencoder or LDMBert) -> ldm_mini's names."""
+    return _rename(state, DIFFUSERS_RENAMES)
+
+
+def to_diffusers_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """ldm_mini's key names -> diffusers' (what diffusers' modules load with strict=True)."""
+    return _rename(state, [(new, old) for old, new in DIFFUSERS_RENAMES])
 
 
 # --- configs <-> metadata ---------------------------------------------------------------------------
@@ -95,7 +130,7 @@ def make_metadata(
 
 def build_empty(meta: dict[str, str]) -> LatentDiffusion:
     """The model a file describes, with its parameters on the meta device (no memory, no init)."""
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in FORMATS:
         raise ValueError(
             f"not an ldm_mini weight file (format {meta.get('format')!r}): convert diffusers folders and "
             "CompVis .ckpt files first with `python -m weights_tools.convert SOURCE OUT.safetensors`"
@@ -247,12 +282,14 @@ def load_file(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
+    fast: bool | None = None,
 ) -> LatentDiffusion:
     """Read one weight file as an eval-mode model. (ldm_mini.load finds the file: an embedded name, a path or
     a hub id, see hub.py.)
 
     device: where the parameters go (default CPU); dtype: cast floating-point weights (default: as stored
-    in the file, float32 for float32 files).
+    in the file, float32 for float32 files); fast: swap in ldm_mini.fast's CPU layers (None: where they are
+    faster, fast.default_on(device); False: plain PyTorch layers, bit-identical to diffusers).
     """
     path = Path(path)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -261,9 +298,15 @@ def load_file(
     model = build_empty(meta)
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
+    if meta["format"] == "ldm_mini/1":  # diffusers' names, from before DIFFUSERS_RENAMES
+        state = from_diffusers_names(state)
     check_state_dict(model, state, source=str(path))
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.alphas_cumprod = model.alphas_cumprod.to(device)  # the only non-persistent buffer
+    if fast is None:
+        fast = fast_layers.default_on(device)
+    if fast:
+        fast_layers.enable(model)
     return model.eval().requires_grad_(False)

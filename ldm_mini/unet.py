@@ -12,7 +12,11 @@ Three kinds of conditioning, one class:
   TEXT2IM_256   cross-attention to LDMBert tokens, context (B, 77, 1280)    (SpatialTransformer blocks)
   CELEBAHQ_256  unconditional                                              (plain self-attention blocks)
   SUPERRES_4X   the low-res image is concatenated to z_t on dim 1 before the call (in_channels 3 + 3 = 6)
-state_dict keys equal diffusers' UNet2DConditionModel (context_dim set) / UNet2DModel (context_dim None).
+state_dict keys are the names of diffusers' UNet2DConditionModel (context_dim set) / UNet2DModel (context_dim
+None) but for the fragments of loading.DIFFUSERS_RENAMES (diffusers' to_out.0 is to_out here, ff.net.0.proj
+and ff.net.2 are ff.proj_in and ff.proj_out): the modules read as the math, not as a Sequential of slots.
+Plain PyTorch layers throughout, bit-identical to diffusers (CPU, float32); ldm_mini/fast.py swaps in faster
+CPU layers at load time.
 """
 
 import math
@@ -121,43 +125,6 @@ class TimestepMLP(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
-def linear(layer: nn.Linear, x: Tensor) -> Tensor:
-    """layer(x) for tokens x (B, N, C_in) -> (B, N, C_out); at inference on a CPU in float32, through oneDNN.
-
-    Speed only, same values (to float32 round-off). PyTorch's float32 matmul calls MKL, whose sgemm runs at
-    AVX2 speed on AMD CPUs (~85 GFLOP/s per core on the benchmark machine), while its oneDNN convolutions use
-    AVX-512 (~175-200 GFLOP/s). A Linear on N tokens is a 1x1 convolution of the (B, C_in, N, 1) image whose
-    pixels are the tokens, so there it runs as that convolution. Below 128 rows (B * N) re-arranging the
-    weights for oneDNN costs more than it saves; x must be contiguous (else the "image" is not channels-last
-    and oneDNN copies it); with autograd on (training) nothing changes.
-    """
-    b, n, _ = x.shape
-    fast = x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-    if not fast or b * n < 128 or not x.is_contiguous() or torch.is_grad_enabled():
-        return layer(x)
-    image = x.unsqueeze(2).permute(0, 3, 1, 2)  # (B, N, C_in) -> (B, C_in, N, 1): channels-last view, no copy
-    weight = layer.weight[:, :, None, None]  # (C_out, C_in) -> (C_out, C_in, 1, 1)
-    out = torch.ops.aten.mkldnn_convolution(image, weight, layer.bias, [0, 0], [1, 1], [1, 1], 1)
-    return out.flatten(2).transpose(1, 2)  # (B, C_out, N, 1), channels-last -> (B, N, C_out), no copy
-
-
-def conv3x3(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """conv(x) for a 3x3, stride-1, padding-1 conv; at tiny resolutions as one matrix product (im2col).
-
-    Speed only, same values (to float32 round-off). At 8x8 and below (text2im's two lowest levels, batch 2:
-    128 or 32 output pixels) a conv of 1280 -> 1280 channels is 14.7M weights for a few pixels, and PyTorch's
-    conv kernel spends most of its time re-arranging those weights; written as one matrix product over the
-    3x3 neighbourhoods of the pixels it runs ~2x faster at 4x4 on a CPU. Above 8x8 the conv kernel is faster,
-    and is used; on a GPU and with autograd on (training) nothing changes.
-    """
-    b, _, h, w = x.shape
-    if h * w > 64 or x.device.type != "cpu" or torch.is_grad_enabled():
-        return conv(x)
-    cols = F.unfold(x, 3, padding=1)  # (B, C*9, h*w): each pixel's 3x3 neighbourhood, zero-padded
-    out = conv.weight.flatten(1) @ cols + conv.bias[:, None]  # (C_out, C*9) @ (B, C*9, h*w): (B, C_out, h*w)
-    return out.view(b, -1, h, w)
-
-
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv + projected time embedding, GroupNorm-SiLU-conv + shortcut (1x1 conv if C changes).
 
@@ -174,9 +141,9 @@ class ResBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = conv3x3(self.conv1, F.silu(self.norm1(x)))  # (B, C_out, H, W)
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
         h = h + self.time_emb_proj(emb)[:, :, None, None]  # (B, C_out, 1, 1): one shift per channel
-        h = conv3x3(self.conv2, F.silu(self.norm2(h)))
+        h = self.conv2(F.silu(self.norm2(h)))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return skip + h  # skip first, as diffusers (see SelfAttentionBlock.forward)
 
@@ -195,22 +162,22 @@ class Attention(nn.Module):
         self.to_q = nn.Linear(query_dim, heads * head_dim, bias=qkv_bias)
         self.to_k = nn.Linear(context_dim, heads * head_dim, bias=qkv_bias)
         self.to_v = nn.Linear(context_dim, heads * head_dim, bias=qkv_bias)
-        self.to_out = nn.Sequential(nn.Linear(heads * head_dim, query_dim))  # to_out.0 (.1 was a Dropout)
+        self.to_out = nn.Linear(heads * head_dim, query_dim)  # diffusers: to_out.0 (to_out.1 is a Dropout)
         self.keep_attention = False
         self.attention_probs: Tensor | None = None
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         context = x if context is None else context
         # LDM Eq. 3: Q = W_Q phi(z), K = W_K tau(y), V = W_V tau(y); split the width into heads.
-        q = linear(self.to_q, x)  # (B, N, heads*d)
-        k, v = linear(self.to_k, context), linear(self.to_v, context)  # (B, L, heads*d)
+        q = self.to_q(x)  # (B, N, heads*d)
+        k, v = self.to_k(context), self.to_v(context)  # (B, L, heads*d)
         q, k, v = (y.unflatten(-1, (self.heads, -1)).transpose(1, 2) for y in (q, k, v))  # (B, heads, N|L, d)
         out = F.scaled_dot_product_attention(q, k, v)  # softmax(Q K^T / sqrt(d)) V, (B, heads, N, d)
         self.attention_probs = None
         if self.keep_attention:  # the same softmax, written out to be kept
             scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, heads, N, L)
             self.attention_probs = scores.softmax(dim=-1).detach()  # each query's weights over the L keys
-        return linear(self.to_out[0], out.transpose(1, 2).flatten(2))  # (B, N, C)
+        return self.to_out(out.transpose(1, 2).flatten(2))  # (B, N, C)
 
 
 class SelfAttentionBlock(Attention):
@@ -229,27 +196,22 @@ class SelfAttentionBlock(Attention):
         return out + x
 
 
-class GEGLU(nn.Module):
-    """GELU-gated linear unit (Shazeer 2020, arXiv:2002.05202): (x W) * gelu(x V), one Linear for both."""
-
-    def __init__(self, dim: int, inner_dim: int):
-        super().__init__()
-        self.proj = nn.Linear(dim, 2 * inner_dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h, gate = linear(self.proj, x).chunk(2, dim=-1)  # (B, N, inner) each
-        return h * F.gelu(gate)
-
-
 class FeedForward(nn.Module):
-    """GEGLU MLP of width 4 * dim, as CompVis' FeedForward (its Dropout in slot 1 has p = 0)."""
+    """GEGLU MLP (Shazeer 2020, arXiv:2002.05202), width 4 * dim: [h | gate] = x W_in, (h * gelu(gate)) W_out.
+
+    proj_in is the GEGLU's one Linear for both the value h and the gate, as in CompVis' GEGLU. (CompVis and
+    diffusers hold the three steps in a Sequential, GEGLU, Dropout(p = 0), Linear: keys ff.net.0.proj,
+    ff.net.2, renamed by loading.DIFFUSERS_RENAMES.)
+    """
 
     def __init__(self, dim: int):
         super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Dropout(0.0), nn.Linear(4 * dim, dim))
+        self.proj_in = nn.Linear(dim, 2 * 4 * dim)
+        self.proj_out = nn.Linear(4 * dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(self.net[2], self.net[0](x))  # GEGLU, then the output Linear (net[1]: Dropout(0))
+        h, gate = self.proj_in(x).chunk(2, dim=-1)  # (B, N, 4*dim) each
+        return self.proj_out(h * F.gelu(gate))  # (B, N, dim)
 
 
 class TransformerBlock(nn.Module):
@@ -317,7 +279,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
-        return conv3x3(self.conv, F.interpolate(x, size=size, mode="nearest"))
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class DownBlock(nn.Module):

@@ -21,7 +21,8 @@ several steps, each dividing by sqrt(alpha-bar) and amplifying the step differen
 Where the diffusers side comes from:
   - by default it is BUILT from the file: ldm_mini's configs mapped back to diffusers constructor
     arguments (the inverse of weights_tools.diffusers_format) and the file's tensors loaded with
-    strict=True (ldm_mini's key names are diffusers' names). This checks the implementation.
+    strict=True (ldm_mini's key names mapped back to diffusers' by loading.to_diffusers_names). This
+    checks the implementation.
   - with `reference=` a diffusers pipeline folder (or a hub id) it is the ORIGINAL the file was converted
     from, loaded by diffusers itself. This checks the conversion too: a perturbed or mis-converted
     weight in the file makes the stages that use it fail.
@@ -41,6 +42,7 @@ import torch
 from safetensors.torch import load_file
 
 from .hub import fetch, load, resolve
+from .loading import from_diffusers_names, read_metadata, to_diffusers_names
 from .model import LatentDiffusion
 from .pipeline import superres, txt2img, unconditional
 from .schedule import ddim_timesteps
@@ -167,9 +169,12 @@ def reference_from_file(path: str | Path, m: LatentDiffusion):
     from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
 
     tensors = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    if read_metadata(path).get("format") == "ldm_mini/1":  # already diffusers' names: as load_file reads it
+        tensors = from_diffusers_names(tensors)
 
-    def part(prefix):
-        return {k.removeprefix(prefix + "."): v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    def part(prefix):  # one component, in diffusers' key names
+        state = {k.removeprefix(prefix + "."): v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        return to_diffusers_names(state)
 
     unet_class, unet_kw = unet_kwargs(m.unet.config)
     vae_class, vae_kw = autoencoder_kwargs(m.autoencoder.config, m.scale_factor)

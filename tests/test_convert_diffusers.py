@@ -113,7 +113,7 @@ def test_metadata_records_the_source(txt2img, superres):
             meta = f.metadata()
         m = ldm_mini.load(path)
         assert (m.schedule.steps_offset, m.schedule.set_alpha_to_one) == schedule
-        assert m.schedule.beta_schedule == "scaled_linear" and meta["format"] == "ldm_mini/1"
+        assert m.schedule.beta_schedule == "scaled_linear" and meta["format"] == "ldm_mini/2"
     assert "tokenizer_vocab" in safe_open(str(txt2img[2]), "pt").metadata()
 
 
@@ -224,7 +224,7 @@ def test_published_configs_map_every_key_at_full_size(name):
     import diffusers
     from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
 
-    from ldm_mini.loading import build_empty, make_metadata
+    from ldm_mini.loading import build_empty, from_diffusers_names, make_metadata
     from weights_tools import diffusers_format as fmt
 
     folder = REAL / name
@@ -251,7 +251,8 @@ def test_published_configs_map_every_key_at_full_size(name):
     want = {}
     for prefix, ref in refs.items():
         table = fmt.LDMBERT if prefix == "text_encoder" else fmt.LEGACY_ATTENTION
-        want.update({f"{prefix}.{k}": tuple(v.shape) for k, v in fmt.rename(ref.state_dict(), table).items()})
+        state = from_diffusers_names(fmt.rename(ref.state_dict(), table))
+        want.update({f"{prefix}.{k}": tuple(v.shape) for k, v in state.items()})
     assert sorted(ours.keys() - want.keys()) == [] and sorted(want.keys() - ours.keys()) == []
     assert ours == want
     expected_scale = {"txt2img": 0.18215, "unconditional": 1.0, "superres": 1.0}[kind]

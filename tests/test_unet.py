@@ -2,8 +2,9 @@
 
 Tiny random diffusers models with every parameter re-initialised (a fresh model has zero biases and unit
 norm scales, which would hide a bias or norm wired to the wrong place), loaded strictly into ours; float32 on
-CPU, outputs of order 1, compared at atol 1e-5, rtol 0. (Measured: 0 to 2.7e-6; the CPU fast paths of
-unet.linear / unet.conv3x3 round float32 differently from diffusers' kernels.)
+CPU, outputs of order 1. Every parity test runs both ways: the plain model must equal diffusers bit for bit,
+and with ldm_mini.fast's layers (other kernels, which round float32 differently; measured 1.2e-6 to 2.8e-6)
+it must agree to atol 1e-5, rtol 0.
 """
 
 import json
@@ -15,10 +16,12 @@ import yaml
 from diffusers import UNet2DConditionModel, UNet2DModel
 from helpers import randomize_
 
+from ldm_mini import fast
+from ldm_mini.loading import from_diffusers_names
 from ldm_mini.unet import CELEBAHQ_256, SUPERRES_4X, TEXT2IM_256, Attention, UNet, UNetConfig
 
 REALCONFIGS = Path(__file__).parent / "realconfigs"
-ATOL = 1e-5  # float32; a miss at 1e-5 on order-1 outputs is a real difference, not rounding
+ATOL = 1e-5  # float32, fast layers; a miss at 1e-5 on order-1 outputs is a real difference, not rounding
 
 # Tiny versions of the three published patterns (see the presets in ldm_mini/unet.py).
 TINY_TEXT2IM = UNetConfig(  # CrossAttnDown, Down: attention at every level but the last, + mid
@@ -63,21 +66,22 @@ def diffusers_unet(cfg: UNetConfig):
     )
 
 
-def pair(cfg: UNetConfig, seed: int = 0):
+def pair(cfg: UNetConfig, seed: int = 0, fast_layers: bool = False):
     ref = diffusers_unet(cfg).eval()
     randomize_(ref, seed)
     ours = UNet(cfg).eval()
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    return ours, ref
+    ours.load_state_dict(from_diffusers_names(ref.state_dict()), strict=True)
+    return fast.enable(ours) if fast_layers else ours, ref
 
 
 def check(ours, ref, x, t, context=None):
+    """ours(x, t, context) vs diffusers: bit-identical for the plain model, atol 1e-5 with fast layers."""
     with torch.no_grad():
         kwargs = {} if context is None else {"encoder_hidden_states": context}
         want = ref(x, t, **kwargs).sample
         got = ours(x, t, context)
     assert 0.3 < want.std() < 10, f"reference output std {want.std():.3g}: not of order 1"
-    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL if fast.is_enabled(ours) else 0.0)
     return got
 
 
@@ -89,20 +93,22 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("fast_layers", [False, True], ids=["plain", "fast"])
 @pytest.mark.parametrize("cfg", [TINY_TEXT2IM, TINY_TEXT2IM_DEEP], ids=["text2im", "text2im_deep"])
 @pytest.mark.parametrize("batch, h, w, t", CASES + [(2, 9, 7, torch.tensor([999, 0]))])
-def test_cross_attention_unet_matches_diffusers(cfg, batch, h, w, t):
-    ours, ref = pair(cfg)
+def test_cross_attention_unet_matches_diffusers(cfg, batch, h, w, t, fast_layers):
+    ours, ref = pair(cfg, fast_layers=fast_layers)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, cfg.in_channels, h, w, generator=gen)
     context = torch.randn(batch, 7, cfg.context_dim, generator=gen)
     check(ours, ref, x, t, context)  # (2, 9, 7): odd sizes, diffusers then upsamples to the skip's size
 
 
+@pytest.mark.parametrize("fast_layers", [False, True], ids=["plain", "fast"])
 @pytest.mark.parametrize("cfg", [TINY_CELEBAHQ, TINY_SUPERRES], ids=["celebahq", "superres"])
 @pytest.mark.parametrize("batch, h, w, t", CASES)
-def test_unconditional_and_concat_unet_matches_diffusers(cfg, batch, h, w, t):
-    ours, ref = pair(cfg)
+def test_unconditional_and_concat_unet_matches_diffusers(cfg, batch, h, w, t, fast_layers):
+    ours, ref = pair(cfg, fast_layers=fast_layers)
     x = torch.randn(batch, cfg.in_channels, h, w, generator=torch.Generator().manual_seed(2))
     check(ours, ref, x, t)  # superres: x = cat(noisy latent, low-res image) on dim 1, 3 + 3 channels
 
@@ -178,7 +184,7 @@ def test_presets_match_published_configs(preset, hub_dir, yaml_path):
     with torch.device("meta"):
         ref = cls.from_config(config)
         ours = UNet(preset)
-    want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    want = {k: tuple(v.shape) for k, v in from_diffusers_names(ref.state_dict()).items()}
     got = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     only_ours, only_ref = sorted(got.keys() - want.keys()), sorted(want.keys() - got.keys())
     assert not only_ours and not only_ref, (only_ours[:5], only_ref[:5])
@@ -206,3 +212,24 @@ def test_bad_inputs_give_clear_errors():
         UNetConfig(num_head_channels=32)  # num_heads defaults to 8: both set
     with pytest.raises(ValueError, match="norm_num_groups"):
         UNetConfig(model_channels=48)
+
+
+def test_fast_layers_come_off_again_and_leave_autograd_alone():
+    ours, ref = pair(TINY_TEXT2IM_DEEP)
+    gen = torch.Generator().manual_seed(3)
+    x, context = torch.randn(2, 4, 16, 8, generator=gen), torch.randn(2, 7, 24, generator=gen)
+    keys = list(ours.state_dict())
+    check(fast.enable(ours), ref, x, 10, context)  # atol 1e-5
+    assert list(ours.state_dict()) == keys
+    check(fast.disable(ours), ref, x, 10, context)  # bit-identical again
+
+    def loss_and_grads():  # autograd on, as in training: the fast layers run the plain kernels
+        ours.zero_grad()
+        loss = ours(x, 10, context).square().mean()
+        loss.backward()
+        return loss, [p.grad.clone() for p in ours.parameters()]
+
+    loss, grads = loss_and_grads()
+    fast.enable(ours)
+    fast_loss, fast_grads = loss_and_grads()
+    assert torch.equal(fast_loss, loss) and all(map(torch.equal, fast_grads, grads))

@@ -67,9 +67,26 @@ RESBLOCK = [  # UNet ResBlock: Sequential slots -> named layers
 LEGACY_ATTENTION = [  # UNet AttentionBlock (celebahq, superres)
     ("norm.", "group_norm.", None),
     ("qkv.", ("to_q.", "to_k.", "to_v."), split_qkv),  # fused, per-head order (split_qkv)
-    ("proj_out.", "to_out.0.", linear),  # Conv1d (C, C, 1) -> Linear (C, C)
+    ("proj_out.", "to_out.", linear),  # Conv1d (C, C, 1) -> Linear (C, C)
 ]
 DOWNSAMPLE = [("op.", "conv.", None)]  # stride-2 3x3 conv
+
+
+def spatial_transformer(depth: int) -> list:
+    """SpatialTransformer (text2im): CompVis' names are diffusers', hence ldm_mini's but for the Sequential
+    slots that ldm_mini names (ldm_mini.loading.DIFFUSERS_RENAMES)."""
+    rows = []
+    for i in range(depth):
+        block = f"transformer_blocks.{i}."
+        rows += [
+            (block + "attn1.to_out.0.", block + "attn1.to_out.", None),  # to_out.1 is Dropout
+            (block + "attn2.to_out.0.", block + "attn2.to_out.", None),
+            (block + "ff.net.0.proj.", block + "ff.proj_in.", None),  # GEGLU's value + gate Linear
+            (block + "ff.net.2.", block + "ff.proj_out.", None),  # net.1 is Dropout
+        ]
+    return rows + SAME  # norms, proj_in/proj_out, to_q/to_k/to_v keep their names
+
+
 FIRST_STAGE_RESNET = [
     ("nin_shortcut.", "conv_shortcut.", None),  # 1x1 conv where the width changes
     ("", "", None),  # norm1, conv1, norm2, conv2 keep their names
@@ -79,7 +96,7 @@ FIRST_STAGE_ATTENTION = [  # AttnBlock of the autoencoders' middle: single head,
     ("q.", "to_q.", linear),  # (C, C, 1, 1) -> (C, C)
     ("k.", "to_k.", linear),
     ("v.", "to_v.", linear),
-    ("proj_out.", "to_out.0.", linear),
+    ("proj_out.", "to_out.", linear),
 ]
 BERT_ATTENTION = [  # x-transformers layer 2i: (norm, Attention, Residual)
     ("0.", "self_attn_layer_norm.", None),  # pre-norm LayerNorm
@@ -108,7 +125,7 @@ def unet_modules(cfg: UNetConfig) -> dict[str, Target]:
     level. input_blocks.0 is conv_in; each level then has num_res_blocks blocks [ResBlock, attention?] and,
     except the last, a Downsample block. output_blocks run from the lowest resolution up, num_res_blocks + 1
     per level, the last of a level ending with an Upsample (slot 2 after an attention, else slot 1)."""
-    attention = LEGACY_ATTENTION if cfg.context_dim is None else SAME  # SpatialTransformer names = diffusers'
+    attention = LEGACY_ATTENTION if cfg.context_dim is None else spatial_transformer(cfg.transformer_depth)
     chs = [cfg.model_channels * m for m in cfg.channel_mult]
     n = cfg.num_res_blocks
     m = {

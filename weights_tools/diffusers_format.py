@@ -11,8 +11,10 @@ hub (CompVis/ldm-text2im-large-256, ldm-celebahq-256, ldm-super-resolution-4x-op
     scheduler/scheduler_config.json  training betas and the DDIM timestep convention
 
 Weights may be .safetensors or .bin, full or fp16 variants, single or sharded. ldm_mini's key names
-are the modern diffusers names, so the weights need only two tables below; the configs need
-translating from diffusers' argument names to the CompVis-style fields of ldm_mini's dataclasses.
+are the modern diffusers names but for a few fragments (ldm_mini.loading.DIFFUSERS_RENAMES: to_out.0 ->
+to_out, ff.net.0.proj -> ff.proj_in, ff.net.2 -> ff.proj_out), so the weights need only the two tables
+below and that one; the configs need translating from diffusers' argument names to the CompVis-style
+fields of ldm_mini's dataclasses.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from ldm_mini.autoencoder import AutoencoderConfig
 from ldm_mini.bert import LDMBertConfig
-from ldm_mini.loading import make_metadata
+from ldm_mini.loading import from_diffusers_names, make_metadata
 from ldm_mini.schedule import ScheduleConfig
 from ldm_mini.tokenizer import Tokenizer
 from ldm_mini.unet import UNetConfig
@@ -76,10 +78,11 @@ def find_weights(folder: Path) -> list[Path]:
 
 
 def read_component(folder: Path, table: list[tuple[str, str]]) -> dict:
+    """One component's weights: `table` gives the modern diffusers names, DIFFUSERS_RENAMES ldm_mini's."""
     state = {}
     for path in find_weights(folder):
         state.update(read_tensors(path))
-    return rename(state, table)
+    return from_diffusers_names(rename(state, table))
 
 
 # --- configs ----------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 COMPONENTS = ("unet", "autoencoder", "text_encoder")
+FORMATS = ("ldm_mini/1", "ldm_mini/2")  # = ldm_mini.loading.FORMATS, not imported: this reads no tensors
 
 
 def read_header(path: Path) -> tuple[dict, dict[str, str]]:
@@ -38,7 +39,7 @@ def summary(path: str | Path) -> str:
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
     table, meta = read_header(path)
-    if meta.get("format") != "ldm_mini/1":
+    if meta.get("format") not in FORMATS:
         raise ValueError(
             f"{path}: not an ldm_mini file (format {meta.get('format')!r}); convert it first with "
             "`python -m weights_tools.convert`"
