@@ -9,9 +9,10 @@ compared and the largest absolute difference is checked against a stated toleran
     decoder       D(z / scale_factor), in [-1, 1]                 1e-4
     sample        the whole pipeline, a few DDIM steps, in [0, 1] 1e-3
 
-Why these tolerances (float32). The two sides compute the same functions with different kernels and
-operation orders (fused attention, GroupNorm, convolution algorithms), which round differently: on the
-tiny test models the differences are 0 to ~1.5e-6 (tests/test_cli.py); in the full-size models (a 32-layer
+Why these tolerances (float32). With the plain layers (load(..., fast=False), `--no-fast`) ldm_mini computes
+diffusers' operations in diffusers' order and the stages agree bit for bit; the CPU speed layer (fast.py, on
+by default on a CPU) and other devices' kernels round differently: on the tiny test models the differences
+are 0 to ~3e-6 (tests/test_cli.py); in the full-size models (a 32-layer
 LDMBert, a 1.4B UNet) the rounding accumulates over many more layers, so 1e-4 leaves a margin on outputs
 of order 1..10. A real mistake (a wrong head split, a missing bias, an off-by-one timestep, a wrong scale
 factor) moves the outputs by 1e-3 to 1e-1 or more. The sample goes through

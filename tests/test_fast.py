@@ -118,3 +118,26 @@ def test_reads_ldm_mini_1_files(tmp_path):
     a, b = new.state_dict(), legacy.state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert "ldm_mini/1" in summary(old) and json.loads(read_metadata(old)["recommended"])
+
+
+def test_the_command_lines_no_fast_draws_with_the_plain_layers(tmp_path, monkeypatch, capsys):
+    """--no-fast: load(fast=False), so the PNG is the plain (diffusers-identical) layers' image."""
+    from PIL import Image
+
+    from ldm_mini.__main__ import main
+
+    loaded = []
+    original = ldm_mini.__main__.load
+
+    def spy(*args, **kwargs):
+        loaded.append(original(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(ldm_mini.__main__, "load", spy)
+    argv = ["txt2img", "a red circle", "--steps", "2", "--seed", "0", "--device", "cpu"]
+    assert main([*argv, "--no-fast", "--out", str(tmp_path / "plain.png")]) == 0
+    assert not fast.is_enabled(loaded[-1])
+    m = ldm_mini.load(fast=False)
+    g = torch.Generator().manual_seed(0)
+    ref = ldm_mini.txt2img(m, "a red circle", num_inference_steps=2, generator=g, progress=False)[0]
+    assert Image.open(tmp_path / "plain.png").tobytes() == ref.tobytes()
