@@ -30,8 +30,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
+import types
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,6 +52,7 @@ from .tokenizer import Tokenizer
 from .unet import UNet, UNetConfig
 
 FORMAT = "ldm_mini/2"
+MAX_CONFIG_CHARS = 1_000_000  # a config is a few hundred characters
 FORMATS = ("ldm_mini/1", FORMAT)  # what load_file reads; it writes FORMAT
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 EMBEDDED = {"shapes": WEIGHTS_DIR / "shapes.safetensors"}  # shipped inside the package (train.py)
@@ -90,13 +94,51 @@ def config_to_json(config) -> str:
     return json.dumps(dataclasses.asdict(config), sort_keys=True)
 
 
-def config_from_json(cls, text: str):
-    """JSON -> frozen config dataclass; lists become tuples, unknown fields are an error."""
-    values = json.loads(text)
-    known = {f.name for f in dataclasses.fields(cls)}
-    if unknown := sorted(set(values) - known):
-        raise ValueError(f"{cls.__name__} has no field(s) {unknown}: the file is from a newer ldm_mini")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+def config_from_json(cls, text: str, field: str = "config"):
+    """JSON -> frozen config dataclass; lists become tuples. Metadata is data from a file: every value's type
+    is checked against the dataclass's annotation, so a wrong one is a ValueError naming the field, not a
+    TypeError deep inside a module's constructor."""
+    if len(text) > MAX_CONFIG_CHARS:
+        raise ValueError(f"the file's {field} is {len(text):,} characters long: not an ldm_mini config")
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"the file's {field} is not valid JSON ({e})") from e
+    if not isinstance(values, dict):
+        raise ValueError(f"the file's {field} must be a JSON object, got {type(values).__name__}")
+    return config_from_values(cls, values, f"the file's {field}")
+
+
+def config_from_values(cls, values: dict, where: str):
+    """A config dataclass from plain values (JSON, yaml), each checked against its annotation first, so that
+    a wrong one is one ValueError naming it (`where`: the file or yaml it came from), never a TypeError deep
+    in a constructor. The converters build every config through here too."""
+    hints = typing.get_type_hints(cls)
+    if unknown := sorted(set(values) - set(hints)):
+        raise ValueError(f"{where}: {cls.__name__} has no field(s) {unknown}: the file is from a newer ldm_mini")
+    for name, value in values.items():
+        if not _fits(value, hints[name]):
+            want = hints[name].__name__ if isinstance(hints[name], type) else str(hints[name])
+            raise ValueError(f"{where}: {cls.__name__}.{name} must be {want}, got {value!r}")
+    try:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    except (TypeError, ValueError) as e:  # a missing field, or values that do not fit together
+        raise ValueError(f"{where} does not describe a {cls.__name__}: {e}") from None
+
+
+def _fits(value, hint) -> bool:
+    """Whether a JSON value has the annotated type: int, float, bool, str, None, tuple[X, ...], unions."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, list | tuple) and all(_fits(v, typing.get_args(hint)[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, hint)
 
 
 def make_metadata(
@@ -135,18 +177,31 @@ def build_empty(meta: dict[str, str]) -> LatentDiffusion:
             f"not an ldm_mini weight file (format {meta.get('format')!r}): convert diffusers folders and "
             "CompVis .ckpt files first with `python -m weights_tools.convert SOURCE OUT.safetensors`"
         )
+    if missing := [k for k in ("kind", "unet_config", "autoencoder_config", "schedule", "scale_factor")
+                   if not isinstance(meta.get(k), str)]:  # fmt: skip
+        raise ValueError(f"the file's metadata lacks {missing}: it was not written by ldm_mini")
+    try:
+        scale_factor = float(meta["scale_factor"])
+    except ValueError:
+        raise ValueError(f"the file's scale_factor {meta['scale_factor'][:40]!r} is not a number") from None
     text_cfg = meta.get("text_encoder_config")
-    with torch.device("meta"):
-        unet = UNet(config_from_json(UNetConfig, meta["unet_config"]))
-        autoencoder = build_autoencoder(config_from_json(AutoencoderConfig, meta["autoencoder_config"]))
-        text_encoder = LDMBert(config_from_json(LDMBertConfig, text_cfg)) if text_cfg else None
+    configs = dict(
+        unet=config_from_json(UNetConfig, meta["unet_config"], "unet_config"),
+        autoencoder=config_from_json(AutoencoderConfig, meta["autoencoder_config"], "autoencoder_config"),
+        text=config_from_json(LDMBertConfig, text_cfg, "text_encoder_config") if text_cfg else None,
+        schedule=config_from_json(ScheduleConfig, meta["schedule"], "schedule"),
+    )
     vocab = meta.get("tokenizer_vocab")
+    with torch.device("meta"):
+        unet = UNet(configs["unet"])
+        autoencoder = build_autoencoder(configs["autoencoder"])
+        text_encoder = LDMBert(configs["text"]) if text_cfg else None
     return LatentDiffusion(
         kind=meta["kind"],
         unet=unet,
         autoencoder=autoencoder,
-        schedule=config_from_json(ScheduleConfig, meta["schedule"]),
-        scale_factor=float(meta["scale_factor"]),
+        schedule=configs["schedule"],
+        scale_factor=scale_factor,
         text_encoder=text_encoder,
         tokenizer=Tokenizer.from_vocab(vocab) if vocab else None,
         recommended=recommended_of(meta),
@@ -181,8 +236,16 @@ def metadata_of(model: LatentDiffusion, source: str = "", recommended: dict | No
 
 # --- strict key checks ------------------------------------------------------------------------------
 def check_state_dict(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """Raise, naming the keys, unless `state` has exactly the keys and shapes `model` expects."""
+    """Raise, naming the keys, unless `state` has exactly the keys and shapes `model` expects, and floating
+    point tensors where the model has them (integer weights would load, then compute nonsense)."""
     want = model.state_dict()
+    kinds = {
+        k for k in want.keys() & state.keys() if want[k].is_floating_point() != state[k].is_floating_point()
+    }
+    if kinds:
+        k = sorted(kinds)[0]
+        raise ValueError(f"{source}: {len(kinds)} tensors have the wrong kind of dtype, e.g. {k}: "
+                         f"{state[k].dtype} where the model has {want[k].dtype}")  # fmt: skip
     missing = sorted(want.keys() - state.keys())
     extra = sorted(state.keys() - want.keys())
     bad = sorted(k for k in want.keys() & state.keys() if tuple(want[k].shape) != tuple(state[k].shape))
@@ -270,6 +333,11 @@ def save(
 
 # --- reading ----------------------------------------------------------------------------------------
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    try:  # the operating system's reasons first: "permission denied" is not a truncated file
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from e
     try:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
@@ -294,6 +362,10 @@ def load_file(
     path = Path(path)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     device = torch.device(device or "cpu")
+    for kind, available in (("cuda", torch.cuda.is_available), ("mps", torch.backends.mps.is_available)):
+        if device.type == kind and not available():
+            raise ValueError(f"device={str(device)!r}: no {kind.upper()} device is available here (torch "
+                             f"{torch.__version__}); use device='cpu'")  # fmt: skip
     meta = read_metadata(path)
     model = build_empty(meta)
     with safe_open(str(path), framework="pt", device=str(device)) as f:

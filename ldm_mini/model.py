@@ -17,6 +17,7 @@ factor, plus what the weights' source says about using them: the image size the 
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -84,6 +85,10 @@ class LatentDiffusion(nn.Module):
         # LDM Sec. 4.3.2 / Appendix: the KL latent is rescaled to roughly unit variance before diffusion
         # (z = 0.18215 * E(x) for KL-f8). The VQ-f4 models of the paper use 1.0, i.e. no rescaling.
         self.scale_factor = float(scale_factor)
+        if not math.isfinite(self.scale_factor) or self.scale_factor <= 0:
+            raise ValueError(
+                f"the latent scale factor must be a positive finite number, got {scale_factor!r}"
+            )
         # e.g. {"steps": 20, "guidance": 2.0}: what the pipelines and the command line use when a setting is
         # not given (see RECOMMENDABLE); {} for the published models, which use diffusers' defaults.
         self.recommended = check_recommended(recommended or {})

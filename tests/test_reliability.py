@@ -7,6 +7,7 @@ a path typo that looks like a hub id, the same quick-start command pasted twice.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -171,3 +172,77 @@ def test_a_wrong_size_or_step_count_is_one_line_naming_the_flag(tiny, tmp_path, 
         assert run(txt2img_argv(tiny, tmp_path / "x.png", *extra)) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert re.search(re.escape(message), err), err
+
+
+def with_meta(file: Path, out: Path, **changes) -> Path:
+    with safe_open(str(file), "pt") as f:
+        meta = f.metadata()
+    save_file(load_file(str(file)), str(out), metadata={**meta, **changes})
+    return out
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("unet_config", '{"model_channels": "abc"}', "UNetConfig.model_channels must be int, got 'abc'"),
+    ("unet_config", "{not json", "unet_config is not valid JSON"),
+    ("unet_config", "[1, 2]", "unet_config must be a JSON object"),
+    ("schedule", '{"beta_schedule": 7}', "ScheduleConfig.beta_schedule must be str"),
+    ("scale_factor", "nan", "scale factor must be a positive finite number"),
+    ("scale_factor", "0", "scale factor must be a positive finite number"),
+    ("scale_factor", "abc", "scale_factor 'abc' is not a number"),
+    ("recommended", '{"steps": "many"}', "recommended 'steps' must be a int"),
+    ("recommended", "{", "'recommended' metadata is not valid JSON"),
+])  # fmt: skip
+def test_bad_metadata_is_one_line_naming_the_field(tiny, tmp_path, field, value, message):
+    if value.startswith('{"model_channels"'):  # one wrong field in an otherwise good config
+        with safe_open(str(tiny), "pt") as f:
+            value = json.dumps({**json.loads(f.metadata()["unet_config"]), **json.loads(value)})
+    bad = with_meta(tiny, tmp_path / "bad.safetensors", **{field: value})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ldm_mini.load(bad)
+    assert run(["info", str(bad)]) in (0, 2)  # info reads the header only; never a traceback
+
+
+def test_integer_weights_and_bad_scale_factors_are_never_written(tiny, tmp_path, capsys):
+    m = ldm_mini.load(tiny)
+    tensors = {k: v for k, v in m.state_dict().items()}
+    name = next(iter(tensors))
+    tensors[name] = tensors[name].to(torch.int32)
+    with pytest.raises(ValueError, match="wrong kind of dtype"):
+        ldm_mini.loading.write_file(tmp_path / "int.safetensors", tensors, ldm_mini.loading.metadata_of(m))
+    folder = tiny.parent / "pipe"
+    from weights_tools.convert import main as convert_main
+
+    for bad in ("0", "nan", "-1"):
+        assert convert_main([str(folder), str(tmp_path / f"sf{bad}.safetensors"), "--scale-factor", bad]) == 1
+        assert "scale factor must be a positive finite number" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_unreadable_files_and_missing_devices_say_so(tiny, tmp_path):
+    with pytest.raises(ValueError, match="cannot read .*Is a directory"):
+        ldm_mini.loading.read_metadata(tmp_path)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is available here.*use device='cpu'"):
+            ldm_mini.load(tiny, device="cuda")
+
+
+def test_a_yaml_value_of_the_wrong_type_is_one_line(tmp_path):
+    from weights_tools import compvis
+    from weights_tools.common import ConversionError
+
+    real = Path(__file__).parent / "realconfigs" / "compvis" / "models" / "ldm" / "celeba256" / "config.yaml"
+    cases = (
+        (
+            "model_channels: 224",
+            'model_channels: "wide"',
+            "UNetConfig.model_channels must be int, got 'wide'",
+        ),
+        ("linear_start: 0.0015", "linear_start: x", "linear_start: 'x' is not a number"),
+    )
+    for old, new, message in cases:
+        text = real.read_text()
+        assert old in text, old
+        (tmp_path / "bad.yaml").write_text(text.replace(old, new))
+        with pytest.raises(ConversionError, match=re.escape(message)) as e:
+            compvis.model_configs(tmp_path / "bad.yaml")
+        assert "\n" not in str(e.value)

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ldm_mini.autoencoder import AutoencoderConfig
 from ldm_mini.bert import LDMBertConfig
-from ldm_mini.loading import build_empty, make_metadata
+from ldm_mini.loading import build_empty, config_from_values, make_metadata
 from ldm_mini.schedule import ScheduleConfig, make_alphas_cumprod
 from ldm_mini.unet import UNetConfig
 
@@ -329,23 +329,27 @@ def unet_config(p: dict, where: str) -> UNetConfig:
     if bool(p.get("use_spatial_transformer", False)) != (context is not None) or isinstance(context, list):
         raise ConversionError(f"{where}: use_spatial_transformer needs one int context_dim (and vice versa)")
     try:
-        return UNetConfig(
-            in_channels=need(p, "in_channels", where),
-            out_channels=need(p, "out_channels", where),
-            model_channels=need(p, "model_channels", where),
-            channel_mult=tuple(p.get("channel_mult", (1, 2, 4, 8))),  # UNetModel's default
-            num_res_blocks=need(p, "num_res_blocks", where),
-            attention_resolutions=tuple(need(p, "attention_resolutions", where)),
-            # num_head_channels, when set, overrides num_heads (openaimodel.py)
-            num_heads=heads if head_channels == -1 else None,
-            num_head_channels=head_channels if head_channels != -1 else None,
-            context_dim=context,
-            transformer_depth=p.get("transformer_depth", 1),
-            norm_num_groups=32,  # openaimodel's normalization() is GroupNorm32
-            image_size=need(p, "image_size", where),  # the latent side it was trained at
+        return config_from_values(
+            UNetConfig,
+            dict(
+                in_channels=need(p, "in_channels", where),
+                out_channels=need(p, "out_channels", where),
+                model_channels=need(p, "model_channels", where),
+                channel_mult=tuple(p.get("channel_mult", (1, 2, 4, 8))),  # UNetModel's default
+                num_res_blocks=need(p, "num_res_blocks", where),
+                attention_resolutions=tuple(need(p, "attention_resolutions", where)),
+                # num_head_channels, when set, overrides num_heads (openaimodel.py)
+                num_heads=heads if head_channels == -1 else None,
+                num_head_channels=head_channels if head_channels != -1 else None,
+                context_dim=context,
+                transformer_depth=p.get("transformer_depth", 1),
+                norm_num_groups=32,  # openaimodel's normalization() is GroupNorm32
+                image_size=need(p, "image_size", where),  # the latent side it was trained at
+            ),
+            where,
         )
-    except ValueError as e:
-        raise ConversionError(f"{where}: {e}") from e
+    except ValueError as e:  # a yaml value of the wrong type, or values that do not fit
+        raise ConversionError(str(e)) from e
 
 
 def autoencoder_config(stage: dict, where: str) -> AutoencoderConfig:
@@ -368,20 +372,24 @@ def autoencoder_config(stage: dict, where: str) -> AutoencoderConfig:
             f"{where}: double_z must be {kind == 'kl'} for {kind}, with no remap / tanh_out"
         )
     try:
-        return AutoencoderConfig(
-            kind=kind,
-            in_channels=need(dd, "in_channels", where),
-            out_channels=need(dd, "out_ch", where),
-            ch=need(dd, "ch", where),
-            ch_mult=tuple(dd.get("ch_mult", (1, 2, 4, 8))),
-            num_res_blocks=need(dd, "num_res_blocks", where),
-            z_channels=need(dd, "z_channels", where),
-            embed_dim=need(p, "embed_dim", where),
-            n_embed=need(p, "n_embed", where) if kind == "vq" else 0,
-            norm_num_groups=32,  # Normalize() in diffusionmodules/model.py
+        return config_from_values(
+            AutoencoderConfig,
+            dict(
+                kind=kind,
+                in_channels=need(dd, "in_channels", where),
+                out_channels=need(dd, "out_ch", where),
+                ch=need(dd, "ch", where),
+                ch_mult=tuple(dd.get("ch_mult", (1, 2, 4, 8))),
+                num_res_blocks=need(dd, "num_res_blocks", where),
+                z_channels=need(dd, "z_channels", where),
+                embed_dim=need(p, "embed_dim", where),
+                n_embed=need(p, "n_embed", where) if kind == "vq" else 0,
+                norm_num_groups=32,  # Normalize() in diffusionmodules/model.py
+            ),
+            where,
         )
-    except ValueError as e:
-        raise ConversionError(f"{where}: {e}") from e
+    except ValueError as e:  # a yaml value of the wrong type, or values that do not fit
+        raise ConversionError(str(e)) from e
 
 
 def bert_config(p: dict, tokenizes: bool, where: str) -> tuple[LDMBertConfig, bool]:
@@ -405,16 +413,21 @@ def bert_config(p: dict, tokenizes: bool, where: str) -> tuple[LDMBertConfig, bo
             f"{where}: with the bert-base-uncased tokenizer, vocab_size must be >= 30522 and "
             f"max_seq_len 77 (got {vocab}, {length}); set use_tokenizer: false to feed token ids"
         )
-    cfg = LDMBertConfig(
-        vocab_size=vocab,
-        max_seq_len=length,
-        n_embed=n_embed,
-        n_layer=need(p, "n_layer", where),
-        n_heads=XT_HEADS,
-        head_dim=XT_HEAD_DIM,
-        ffn_dim=XT_FF_MULT * n_embed,
-    )
+    values = dict(vocab_size=vocab, max_seq_len=length, n_embed=n_embed, n_layer=need(p, "n_layer", where),
+                  n_heads=XT_HEADS, head_dim=XT_HEAD_DIM)  # fmt: skip
+    try:
+        cfg = config_from_values(LDMBertConfig, {**values, "ffn_dim": XT_FF_MULT * n_embed}, where)
+    except (TypeError, ValueError) as e:  # TypeError: a non-number n_embed times 4
+        raise ConversionError(f"{where}: {e}" if isinstance(e, TypeError) else str(e)) from e
     return cfg, tokenizes
+
+
+def number(value, where: str) -> float:
+    """A yaml number (yaml reads 1e-4 without a dot as a string) or a one-line ConversionError."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConversionError(f"{where}: {value!r} is not a number") from None
 
 
 def schedule_config(p: dict, where: str) -> ScheduleConfig:
@@ -428,16 +441,20 @@ def schedule_config(p: dict, where: str) -> ScheduleConfig:
         )
     if p.get("parameterization", "eps") != "eps":
         raise ConversionError(f"{where}: parameterization {p['parameterization']!r}: ldm_mini predicts eps")
-    return ScheduleConfig(
+    values = dict(
         num_train_timesteps=p.get("timesteps", 1000),
-        beta_start=float(p.get("linear_start", 1e-4)),  # DDPM's defaults
-        beta_end=float(p.get("linear_end", 2e-2)),
+        beta_start=number(p.get("linear_start", 1e-4), f"{where}.linear_start"),  # DDPM's defaults
+        beta_end=number(p.get("linear_end", 2e-2), f"{where}.linear_end"),
         beta_schedule=BETA_SCHEDULES[name],  # the naming trap: CompVis "linear" is linear in sqrt(beta)
         steps_offset=1,
         set_alpha_to_one=False,
         timestep_spacing="leading",
         clip_sample=False,  # LatentDiffusion sets clip_denoised = False
     )
+    try:
+        return config_from_values(ScheduleConfig, values, where)
+    except ValueError as e:
+        raise ConversionError(str(e)) from e
 
 
 def conditioning(p: dict, where: str) -> tuple[str, dict | None]:
@@ -522,8 +539,13 @@ PARTS = [  # CompVis LatentDiffusion attribute -> ldm_mini LatentDiffusion attri
 def model_configs(yaml_path: Path) -> dict:
     """The yaml -> make_metadata's arguments (kind, unet, autoencoder, schedule, scale_factor, text_encoder,
     vocab), and use_ema. Everything is checked here, before any weight is read."""
-    p = read_yaml(yaml_path)
-    where = f"{yaml_path}: model.params"
+    try:
+        return _model_configs(read_yaml(yaml_path), f"{yaml_path}: model.params")
+    except TypeError as e:  # a yaml value of the wrong type that no check above named
+        raise ConversionError(f"{yaml_path}: a value of the wrong type in the yaml ({e})") from None
+
+
+def _model_configs(p: dict, where: str) -> tuple[dict, bool]:
     kind, cond = conditioning(p, where)
     unet = unet_config(
         need(need(p, "unet_config", where), "params", f"{where}.unet_config"), f"{where}.unet_config.params"
@@ -551,7 +573,7 @@ def model_configs(yaml_path: Path) -> dict:
         unet=unet,
         autoencoder=autoencoder,
         schedule=schedule_config(p, where),
-        scale_factor=float(p.get("scale_factor", 1.0)),
+        scale_factor=number(p.get("scale_factor", 1.0), f"{where}.scale_factor"),
         text_encoder=text_encoder,
         vocab=vocab,
     ), bool(p.get("use_ema", True))

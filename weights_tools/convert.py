@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"OUT must end in .safetensors: {args.out}")
     try:
         out = convert(args.source, args.out, args.config, args.dtype, args.force, args.ema, args.scale_factor)
-    except (ConversionError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (ConversionError, OSError, ValueError) as e:  # OSError: a full disk, no permission, a name taken
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ldm_mini.autoencoder import AutoencoderConfig
 from ldm_mini.bert import LDMBertConfig
-from ldm_mini.loading import from_diffusers_names, make_metadata
+from ldm_mini.loading import config_from_values, from_diffusers_names, make_metadata
 from ldm_mini.schedule import ScheduleConfig
 from ldm_mini.tokenizer import Tokenizer
 from ldm_mini.unet import UNetConfig
@@ -146,19 +146,25 @@ def unet_config(c: dict, where: str) -> UNetConfig:
     depth = c.get("transformer_layers_per_block", 1)
     if not isinstance(depth, int):
         raise ConversionError(f"{where}: per-level transformer_layers_per_block {depth} is not supported")
-    return UNetConfig(
-        in_channels=c["in_channels"],
-        out_channels=c["out_channels"],
-        model_channels=base,
-        channel_mult=mult,
-        num_res_blocks=c["layers_per_block"],
-        attention_resolutions=tuple(2**i for i in attention_levels),
-        num_heads=num_heads,
-        num_head_channels=head_channels,
-        context_dim=(c.get("cross_attention_dim") or 1280) if cross else None,  # absent in the 2022 config
-        transformer_depth=depth,
-        norm_num_groups=c.get("norm_num_groups", 32),
-        image_size=c.get("sample_size", 32),
+    return config_from_values(
+        UNetConfig,
+        dict(
+            in_channels=c["in_channels"],
+            out_channels=c["out_channels"],
+            model_channels=base,
+            channel_mult=mult,
+            num_res_blocks=c["layers_per_block"],
+            attention_resolutions=tuple(2**i for i in attention_levels),
+            num_heads=num_heads,
+            num_head_channels=head_channels,
+            context_dim=(c.get("cross_attention_dim") or 1280)
+            if cross
+            else None,  # absent in the 2022 config
+            transformer_depth=depth,
+            norm_num_groups=c.get("norm_num_groups", 32),
+            image_size=c.get("sample_size", 32),
+        ),
+        where,
     )
 
 
@@ -176,17 +182,21 @@ def autoencoder_config(c: dict, where: str) -> AutoencoderConfig:
     base, mult = channel_mult(c["block_out_channels"], where)
     vq = c["_class_name"] == "VQModel"
     latent = c["latent_channels"]
-    return AutoencoderConfig(
-        kind="vq" if vq else "kl",
-        in_channels=c["in_channels"],
-        out_channels=c["out_channels"],
-        ch=base,
-        ch_mult=mult,
-        num_res_blocks=c["layers_per_block"],
-        z_channels=latent,
-        embed_dim=(c.get("vq_embed_dim") or latent) if vq else latent,
-        n_embed=c["num_vq_embeddings"] if vq else 0,
-        norm_num_groups=c.get("norm_num_groups", 32),
+    return config_from_values(
+        AutoencoderConfig,
+        dict(
+            kind="vq" if vq else "kl",
+            in_channels=c["in_channels"],
+            out_channels=c["out_channels"],
+            ch=base,
+            ch_mult=mult,
+            num_res_blocks=c["layers_per_block"],
+            z_channels=latent,
+            embed_dim=(c.get("vq_embed_dim") or latent) if vq else latent,
+            n_embed=c["num_vq_embeddings"] if vq else 0,
+            norm_num_groups=c.get("norm_num_groups", 32),
+        ),
+        where,
     )
 
 
@@ -206,14 +216,18 @@ def scale_factor_of(c: dict, kind: str) -> float:
 
 def bert_config(c: dict, where: str) -> LDMBertConfig:
     require(c, where, activation_function="gelu", scale_embedding=False)
-    return LDMBertConfig(
-        vocab_size=c["vocab_size"],
-        max_seq_len=c["max_position_embeddings"],
-        n_embed=c["d_model"],
-        n_layer=c["encoder_layers"],
-        n_heads=c["encoder_attention_heads"],
-        head_dim=c["head_dim"],
-        ffn_dim=c["encoder_ffn_dim"],
+    return config_from_values(
+        LDMBertConfig,
+        dict(
+            vocab_size=c["vocab_size"],
+            max_seq_len=c["max_position_embeddings"],
+            n_embed=c["d_model"],
+            n_layer=c["encoder_layers"],
+            n_heads=c["encoder_attention_heads"],
+            head_dim=c["head_dim"],
+            ffn_dim=c["encoder_ffn_dim"],
+        ),
+        where,
     )
 
 
@@ -229,16 +243,20 @@ def schedule_config(c: dict, where: str) -> ScheduleConfig:
         )
     if c.get("beta_schedule", "linear") not in BETA_SCHEDULES:
         raise ConversionError(f"{where}: unknown beta_schedule {c['beta_schedule']!r}")
-    return ScheduleConfig(
-        # the first schedulers (diffusers 0.0.x) called it `timesteps`
-        num_train_timesteps=c.get("num_train_timesteps") or c.get("timesteps") or 1000,
-        beta_start=float(c.get("beta_start", 0.0001)),
-        beta_end=float(c.get("beta_end", 0.02)),
-        beta_schedule=BETA_SCHEDULES[c.get("beta_schedule", "linear")],
-        steps_offset=int(c.get("steps_offset", 0)),
-        set_alpha_to_one=bool(c.get("set_alpha_to_one", True)),
-        timestep_spacing=c.get("timestep_spacing", "leading"),
-        clip_sample=bool(c.get("clip_sample", True)),
+    return config_from_values(
+        ScheduleConfig,
+        dict(
+            # the first schedulers (diffusers 0.0.x) called it `timesteps`
+            num_train_timesteps=c.get("num_train_timesteps") or c.get("timesteps") or 1000,
+            beta_start=float(c.get("beta_start", 0.0001)),
+            beta_end=float(c.get("beta_end", 0.02)),
+            beta_schedule=BETA_SCHEDULES[c.get("beta_schedule", "linear")],
+            steps_offset=int(c.get("steps_offset", 0)),
+            set_alpha_to_one=bool(c.get("set_alpha_to_one", True)),
+            timestep_spacing=c.get("timestep_spacing", "leading"),
+            clip_sample=bool(c.get("clip_sample", True)),
+        ),
+        where,
     )
 
 
