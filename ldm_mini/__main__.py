@@ -183,8 +183,10 @@ def prepare(args, parser) -> tuple[Path, object, dict, dict, list[Path], list[in
         from PIL import Image
 
         try:
-            first = Image.open(args.image).convert("RGB")
-        except (OSError, ValueError) as e:
+            with warnings.catch_warnings():  # PIL's warning at 89M pixels, its error at twice that
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                first = Image.open(args.image).convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             parser.error(f"cannot read the image {args.image}: {e}")
         if min(first.size) < 32:
             parser.error(f"{args.image} is {first.size[0]}x{first.size[1]}: the input must be at least 32x32")

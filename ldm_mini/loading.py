@@ -115,7 +115,7 @@ def config_from_values(cls, values: dict, where: str):
     in a constructor. The converters build every config through here too."""
     hints = typing.get_type_hints(cls)
     if unknown := sorted(set(values) - set(hints)):
-        raise ValueError(f"{where}: {cls.__name__} has no field(s) {unknown}: the file is from a newer ldm_mini")
+        raise ValueError(f"{where}: {cls.__name__} has no field(s) {unknown}: written by a newer ldm_mini?")
     for name, value in values.items():
         if not _fits(value, hints[name]):
             want = hints[name].__name__ if isinstance(hints[name], type) else str(hints[name])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import save_pipeline, tiny_txt2img
+from helpers import save_pipeline, tiny_superres, tiny_txt2img
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -246,3 +246,13 @@ def test_a_yaml_value_of_the_wrong_type_is_one_line(tmp_path):
         with pytest.raises(ConversionError, match=re.escape(message)) as e:
             compvis.model_configs(tmp_path / "bad.yaml")
         assert "\n" not in str(e.value)
+
+
+def test_a_decompression_bomb_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    sr = convert(save_pipeline(tiny_superres(), tmp_path / "sr"), tmp_path / "sr.safetensors")
+    bomb = tmp_path / "bomb.png"
+    Image.new("RGB", (64, 64)).save(bomb)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 64x64 image is now over PIL's bomb limit
+    assert run(["upscale", str(bomb), "--weights", str(sr), "--out", str(tmp_path / "up.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "cannot read the image" in err[-1] and "decompression bomb" in err[-1].lower()
