@@ -671,6 +671,13 @@ COVERED = {  # yaml -> kind
     "models/ldm/celeba256/config.yaml": "unconditional",
     "models/ldm/bsr_sr/config.yaml": "superres",
     "models/ldm/text2img256/config.yaml": "txt2img",
+    # same model: section as celebahq (unconditional VQ-f4 LDMs)
+    "configs/latent-diffusion/ffhq-ldm-vq-4.yaml": "unconditional",
+    "configs/latent-diffusion/lsun_bedrooms-ldm-vq-4.yaml": "unconditional",
+    "models/ldm/ffhq256/config.yaml": "unconditional",
+    "models/ldm/lsun_beds256/config.yaml": "unconditional",
+    # crossattn + BERTEmbedder(use_tokenizer: false) on layout tokens: today read as a token-id txt2img model
+    "models/ldm/layout2img-openimages256/config.yaml": "txt2img",
 }
 NOT_COVERED = {  # yaml -> the one-line error (what ldm_mini lacks)
     "configs/latent-diffusion/cin256-v2.yaml": "conditioning_key 'crossattn' with cond_stage_config "
@@ -683,6 +690,29 @@ NOT_COVERED = {  # yaml -> the one-line error (what ldm_mini lacks)
     "'__is_first_stage__'",
     "models/first_stage_models/kl-f8/config.yaml": "model.target is 'ldm.models.autoencoder.AutoencoderKL'",
     "models/first_stage_models/vq-f4/config.yaml": "model.target is 'ldm.models.autoencoder.VQModel'",
+    "configs/latent-diffusion/cin-ldm-vq-f8.yaml": "conditioning_key 'crossattn' with cond_stage_config "
+    "'ldm.modules.encoders.modules.ClassEmbedder' is not supported",
+    "models/ldm/semantic_synthesis256/config.yaml": "conditioning_key 'concat' with cond_stage_config "
+    "'ldm.modules.encoders.modules.SpatialRescaler' is not supported",
+    "models/ldm/semantic_synthesis512/config.yaml": "conditioning_key 'concat' with cond_stage_config "
+    "'ldm.modules.encoders.modules.SpatialRescaler' is not supported",
+    **{
+        f"models/first_stage_models/{n}/config.yaml": f"model.target is 'ldm.models.autoencoder.{t}'"
+        for n, t in [
+            ("kl-f4", "AutoencoderKL"),
+            ("kl-f16", "AutoencoderKL"),
+            ("kl-f32", "AutoencoderKL"),
+            ("vq-f4-noattn", "VQModel"),
+            ("vq-f8", "VQModel"),
+            ("vq-f8-n256", "VQModel"),
+            ("vq-f16", "VQModel"),
+        ]
+    },
+    **{
+        f"configs/autoencoder/autoencoder_kl_{size}.yaml": "model.target is "
+        "'ldm.models.autoencoder.AutoencoderKL'"
+        for size in ("8x8x64", "16x16x16", "32x32x4", "64x64x3")
+    },
 }
 
 
@@ -742,9 +772,15 @@ def full_size_state(params: dict, unet_only: bool = False) -> dict[str, torch.Te
                 LDMBertModel,
             )
 
-            n = cond["params"]["n_embed"]
+            n, cp = cond["params"]["n_embed"], cond["params"]
             bert = LDMBertModel(
-                LDMBertConfig(d_model=n, encoder_layers=cond["params"]["n_layer"], encoder_ffn_dim=4 * n)
+                LDMBertConfig(
+                    d_model=n,
+                    encoder_layers=cp["n_layer"],
+                    encoder_ffn_dim=4 * n,
+                    vocab_size=cp.get("vocab_size", 30522),  # BERTEmbedder's defaults
+                    max_position_embeddings=cp.get("max_seq_len", 77),
+                )
             )
             state.update({"cond_stage_model." + k: v for k, v in bert_to_compvis(bert).items()})
     return state
