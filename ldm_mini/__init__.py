@@ -5,9 +5,11 @@
 
 Two layers, and every import points down (tests/test_layering.py):
 
-  core     autoencoder (KL-f8, VQ-f4), unet (one UNet for all published models), bert (LDMBert), tokenizer
-           (WordPiece), schedule (betas, alpha-bar, q_sample), samplers (DDPM, DDIM, PLMS, LMS), model (the
-           LatentDiffusion container), loading (the weight file), pipeline (txt2img, unconditional,
+  core     autoencoder (KL-f8, VQ-f4), unet (one UNet for all published models), bert (LDMBert),
+           fast (the opt-in CPU kernels), tokenizer (WordPiece), schedule (betas, alpha-bar, q_sample, the
+           timesteps and sigmas a sampler visits), samplers (DDPM, DDIM, PLMS, guidance, the registry),
+           ksamplers (LMS, Euler, Heun, DPM-2, DPM-Solver++, UniPC: the ODE/SDE solvers in sigma), model
+           (the LatentDiffusion container), loading (the weight file), pipeline (txt2img, unconditional,
            superres), tiling (large images in bounded memory)
   tooling  hub (embedded names, files and hub ids -> a model), __main__ (the command line), verify (against
            diffusers), viz (notebook figures), shapes (the procedural world), train (the embedded model)

@@ -17,7 +17,8 @@ A setting not given on the command line comes from the file's optional "recommen
 the model was trained at: exactly as the Python call (pipeline.settings resolves and checks both, before any
 weight is read). --steps is the pipelines' num_inference_steps, --guidance their guidance_scale. Image i of
 -n N uses seed + i, so each PNG can be remade on its own: its text chunks record the prompt, seed, steps,
-sampler, guidance, eta and weights.
+sampler (and --sigmas when given), guidance, eta and weights. `--sampler dpmpp_2m --sigmas karras` runs
+DPM-Solver++(2M) on Karras et al.'s sigma schedule (every name of samplers.SAMPLERS is a --sampler).
 
 Exit codes: 0 done; 1 a failure while running (verify: a stage failed); 2 a bad argument (argparse's).
 """
@@ -47,7 +48,7 @@ KINDS = {"txt2img": "txt2img", "sample": "unconditional", "upscale": "superres"}
 PIPELINES = {"txt2img": pipeline.txt2img, "sample": pipeline.unconditional, "upscale": pipeline.superres}
 # the pipelines' argument names -> the command line's flags, for their error messages
 FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "eta": "--eta",
-         "sampler": "--sampler", "height": "--height", "width": "--width"}  # fmt: skip
+         "sampler": "--sampler", "sigmas": "--sigmas", "height": "--height", "width": "--width"}  # fmt: skip
 EXAMPLES = {
     "txt2img": 'ldm-mini txt2img "a red circle above a blue square" -n 2 --steps 20 --guidance 4 --seed 0',
     "sample": "ldm-mini sample --weights CompVis/ldm-celebahq-256 --steps 200 -n 4",
@@ -161,7 +162,7 @@ def prepare(args, parser) -> tuple[Path, object, dict, dict, list[Path], list[in
     if m.kind != kind:
         use = {v: k for k, v in KINDS.items()}[m.kind]
         parser.error(f"{path.name} holds a model of kind {m.kind!r}, not {kind!r}: use `ldm-mini {use}`")
-    given = dict(num_inference_steps=args.steps, eta=args.eta, sampler=args.sampler)
+    given = dict(num_inference_steps=args.steps, eta=args.eta, sampler=args.sampler, sigmas=args.sigmas)
     if kind == "txt2img":
         given["guidance_scale"] = args.guidance
     if kind != "superres":
@@ -171,9 +172,11 @@ def prepare(args, parser) -> tuple[Path, object, dict, dict, list[Path], list[in
     except ValueError as e:  # the same message, in the command line's names
         message = re.sub(r"\b(\w+)='([^']*)'", r"\1 \2", str(e))  # sampler='ddim' -> sampler ddim
         parser.error(re.sub(r"\b(\w+)\b", lambda w: FLAGS.get(w[1], w[1]), message))
-    call = {k: s[k] for k in given}  # every setting explicit: the PNG records what was used
+    call = {k: s.get(k, s["options"].get(k)) for k in given}  # every setting explicit: the PNG records them
     fields = dict(model=kind, weights=args.weights or "shapes", steps=s["num_inference_steps"], eta=s["eta"],
                   sampler=s["sampler"])  # fmt: skip
+    if args.sigmas is not None:
+        fields["sigmas"] = args.sigmas
     if kind == "txt2img":
         fields["guidance"] = s["guidance_scale"]
         if m.tokenizer is None:
@@ -292,7 +295,10 @@ def add_sampling_options(p: argparse.ArgumentParser, command: str) -> None:
         p.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1: none (default: the "
                        f"file's recommended, else {defaults['guidance_scale']})")  # fmt: skip
     p.add_argument("--eta", type=float, help="DDIM eta: 0 deterministic (default), 1 DDPM-like")
-    p.add_argument("--sampler", choices=tuple(samplers.SAMPLERS), help="default ddim")
+    p.add_argument("--sampler", choices=tuple(samplers.SAMPLERS), help="default: the file's, else ddim")
+    p.add_argument("--sigmas", choices=samplers.SIGMA_SCHEDULES, help="the sigma schedule of a sigma-space "
+                   "sampler (lms ... unipc): Karras et al.'s (rho = 7) or exponential (default: the "
+                   "model's)")  # fmt: skip
     p.add_argument(
         "--seed", type=int, help="seed of the first image; image i uses seed + i (default: random)"
     )

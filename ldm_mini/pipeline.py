@@ -25,7 +25,9 @@ Where diffusers is wrong, ldm_mini is right:
   - VQ latents: LDMPipeline divides by vqvae.config.scaling_factor, 0.18215 when the config lacks the key
     (diffusers issue 6725); here m.decode divides by m.scale_factor, 1.0 for the VQ models of the paper.
 The timestep conventions of the weights' source (m.schedule) can be overridden per call: steps_offset,
-set_alpha_to_one (DDIM, PLMS) and timestep_spacing.
+set_alpha_to_one (DDIM, PLMS) and timestep_spacing; the sigma-space samplers (samplers.SIGMA_SPACE: lms,
+euler, euler_ancestral, heun, dpm_2, dpmpp_2m, dpmpp_2m_sde, unipc) default to the "linspace" spacing that
+diffusers' schedulers and k-diffusion use for them, and take sigmas="karras" | "exponential".
 """
 
 from __future__ import annotations
@@ -58,13 +60,13 @@ assert set(FILE_NAME.values()) == set(RECOMMENDABLE)
 # --- settings: every check before any compute ----------------------------------------------------------
 def settings(m, kind: str, *, num_inference_steps=None, guidance_scale=None, eta=None, sampler=None,
              height=None, width=None, steps_offset=None, set_alpha_to_one=None, timestep_spacing=None,
-             output_type="pil") -> dict:  # fmt: skip
+             sigmas=None, output_type="pil") -> dict:  # fmt: skip
     """The settings of one pipeline call, each as given, else m.recommended, else DEFAULTS[kind]; checked.
 
     m may be a model on the meta device (the command line checks its arguments before reading any weight):
     only its kind, schedule, sizes and recommended settings are read. Raises a ValueError naming the bad
     setting and the fix. -> {"num_inference_steps", "eta", "sampler", ["guidance_scale"], ["height",
-    "width"], "options": the sampler's own options (eta, the conventions given)}.
+    "width"], "options": the sampler's own options (eta, the conventions and sigmas given)}.
     """
     if m.kind != kind:
         raise ValueError(f"{PIPELINE_OF[kind]} needs a {kind!r} model; this one is {m.kind!r}: "
@@ -83,12 +85,11 @@ def settings(m, kind: str, *, num_inference_steps=None, guidance_scale=None, eta
         raise ValueError(f"guidance_scale must be a finite number, got {guidance!r}")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"unknown output_type {output_type!r}: use one of {OUTPUT_TYPES}")
-    conventions = ("steps_offset", "set_alpha_to_one", "timestep_spacing")  # the weights' source's, or given
-    given = dict(zip(conventions, (steps_offset, set_alpha_to_one, timestep_spacing), strict=True))
+    given = dict(steps_offset=steps_offset, set_alpha_to_one=set_alpha_to_one,
+                 timestep_spacing=timestep_spacing, sigmas=sigmas)  # fmt: skip
     given = {k: v for k, v in given.items() if v is not None}
-    used = {
-        k: getattr(m.schedule, k) for k in conventions if k in samplers.SAMPLER_OPTIONS.get(s["sampler"], ())
-    }
+    known = s["sampler"] in samplers.SAMPLER_OPTIONS  # (check_settings names an unknown one)
+    used = samplers.conventions(m.schedule, s["sampler"]) if known else {}  # what the sampler will use
     T, steps = m.schedule.num_train_timesteps, s["num_inference_steps"]
     try:  # the sampler's own checks (one place: samplers.check_settings), with the conventions it will use
         samplers.check_settings(T, steps, sampler=s["sampler"], eta=s["eta"], **{**used, **given})
@@ -114,6 +115,13 @@ def _check_tensor(name, x, shape) -> None:
         raise ValueError(f"{name} must be a tensor of shape {tuple(shape)}, got {got}")
 
 
+def _check_noise(m, s, noise, shape) -> None:
+    """The per-step noise: (steps, *shape), and only for a sampler that takes it."""
+    _check_tensor("noise", noise, (s["num_inference_steps"], *shape))
+    T = m.schedule.num_train_timesteps
+    samplers.check_settings(T, s["num_inference_steps"], sampler=s["sampler"], noise=noise)
+
+
 def _check_generator(generator, batch: int) -> None:
     if isinstance(generator, list) and len(generator) != batch:
         raise ValueError(f"generator is a list of {len(generator)} generators for a batch of {batch}: "
@@ -137,9 +145,6 @@ def _sample(m, x_T, s, cond, uncond, noise, generator, callback, progress, retur
             attention_layer):  # fmt: skip
     """Run one sampler; optionally record x_t, predicted x_0 and one layer's cross-attention per step."""
     sampler = s["sampler"]
-    samplers.check_settings(
-        m.schedule.num_train_timesteps, s["num_inference_steps"], sampler=sampler, noise=noise
-    )
     kwargs = dict(cond=cond, uncond=uncond, guidance_scale=s.get("guidance_scale", 1.0), progress=progress,
                   **s["options"])  # fmt: skip
     if "noise" in samplers.SAMPLER_OPTIONS[sampler]:  # the per-step noise: explicit, or from x_T's generator
@@ -196,24 +201,27 @@ def _output(m, z0, output_type, trace):
 def txt2img(m, prompt: str | list[str], *, num_inference_steps=None, guidance_scale=None, eta=None,
             height=None, width=None, sampler=None, generator=None, latents=None, noise=None,
             output_type="pil", callback=None, progress=True, return_intermediates=False, attention_layer=None,
-            steps_offset=None, set_alpha_to_one=None, timestep_spacing=None):  # fmt: skip
+            steps_offset=None, set_alpha_to_one=None, timestep_spacing=None, sigmas=None):  # fmt: skip
     """Text to image (LDMTextToImagePipeline). A list of prompts makes a batch. guidance_scale != 1 runs
     classifier-free guidance with "" as the unconditional prompt (the model card: 6.0, eta 0.3).
 
     None settings: m.recommended, else diffusers' defaults (50 DDIM steps, guidance 1.0, eta 0); height and
     width: m.default_size. generator: a torch.Generator, or a list of one per prompt (image i then equals
     the batch-of-one image of generator[i]). latents: x_T (B, c, h, w) instead of a draw; noise: the
-    per-step noise (num_inference_steps, B, c, h, w) of DDIM (eta > 0) / DDPM. sampler: "ddim" | "plms" |
-    "lms" | "ddpm". return_intermediates: also return {"timesteps", "x_t", "x0"} (one entry per step);
-    attention_layer: a name from m.unet.cross_attention_layers(): also return its maps (B, heads, h*w, 77)
-    per step in ["attention"]. With either, the result is (images, intermediates).
+    per-step noise (num_inference_steps, B, c, h, w) of DDIM (eta > 0), DDPM, Euler ancestral and DPM++ 2M
+    SDE. sampler: a name of samplers.SAMPLERS ("ddim", "plms", "ddpm", "lms", "euler", "euler_ancestral",
+    "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "unipc"); sigmas: None (the model's own), "karras" or
+    "exponential", for the sigma-space samplers (all from "lms" on). return_intermediates: also return
+    {"timesteps", "x_t", "x0"} (one entry per step); attention_layer: a name from
+    m.unet.cross_attention_layers(): also return its maps (B, heads, h*w, 77) per step in ["attention"]. With
+    either, the result is (images, intermediates).
     """
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list | tuple) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
     s = settings(m, "txt2img", num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                  eta=eta, sampler=sampler, height=height, width=width, steps_offset=steps_offset,
-                 set_alpha_to_one=set_alpha_to_one, timestep_spacing=timestep_spacing,
+                 set_alpha_to_one=set_alpha_to_one, timestep_spacing=timestep_spacing, sigmas=sigmas,
                  output_type=output_type)  # fmt: skip
     if m.tokenizer is None:
         raise ValueError("this model has no tokenizer: build the context with m.encode_text(ids) and call "
@@ -224,7 +232,7 @@ def txt2img(m, prompt: str | list[str], *, num_inference_steps=None, guidance_sc
     f = m.downsample_factor
     shape = (len(prompts), m.latent_channels, s["height"] // f, s["width"] // f)  # diffusers: height // 8
     _check_tensor("latents", latents, shape)
-    _check_tensor("noise", noise, (s["num_inference_steps"], *shape))
+    _check_noise(m, s, noise, shape)
     _check_generator(generator, len(prompts))
 
     cond = m.encode_text(m.tokenize(list(prompts)))  # (B, 77, D)
@@ -239,7 +247,7 @@ def txt2img(m, prompt: str | list[str], *, num_inference_steps=None, guidance_sc
 def unconditional(m, batch_size: int = 1, *, num_inference_steps=None, eta=None, height=None, width=None,
                   sampler=None, generator=None, latents=None, noise=None, output_type="pil", callback=None,
                   progress=True, return_intermediates=False, steps_offset=None, set_alpha_to_one=None,
-                  timestep_spacing=None):  # fmt: skip
+                  timestep_spacing=None, sigmas=None):  # fmt: skip
     """Unconditional samples (LDMPipeline; the ldm-celebahq-256 card uses 200 steps).
 
     height/width default to the size the model was trained at, m.default_size, as diffusers
@@ -249,11 +257,11 @@ def unconditional(m, batch_size: int = 1, *, num_inference_steps=None, eta=None,
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     s = settings(m, "unconditional", num_inference_steps=num_inference_steps, eta=eta, sampler=sampler,
                  height=height, width=width, steps_offset=steps_offset, set_alpha_to_one=set_alpha_to_one,
-                 timestep_spacing=timestep_spacing, output_type=output_type)  # fmt: skip
+                 timestep_spacing=timestep_spacing, sigmas=sigmas, output_type=output_type)  # fmt: skip
     f = m.downsample_factor
     shape = (batch_size, m.latent_channels, s["height"] // f, s["width"] // f)
     _check_tensor("latents", latents, shape)
-    _check_tensor("noise", noise, (s["num_inference_steps"], *shape))
+    _check_noise(m, s, noise, shape)
     _check_generator(generator, batch_size)
 
     x_T = _initial_noise(m, shape, generator, latents)
@@ -289,7 +297,7 @@ def low_res_image(image) -> Tensor:
 def superres(m, image, *, num_inference_steps=None, eta=None, sampler=None, generator=None, latents=None,
              noise=None, output_type="pil", callback=None, progress=True, return_intermediates=False,
              decode_tile=None, unet_tile=None, steps_offset=None, set_alpha_to_one=None,
-             timestep_spacing=None):  # fmt: skip
+             timestep_spacing=None, sigmas=None):  # fmt: skip
     """4x super-resolution (LDMSuperResolutionPipeline; the model card uses eta=1). The latent has the
     low-res image's size (VQ-f4: the output is 4x larger); the image is concatenated to z_t at every step.
     image: see low_res_image. decode_tile / unet_tile: run the decoder / UNet in overlapping tiles of this
@@ -297,13 +305,13 @@ def superres(m, image, *, num_inference_steps=None, eta=None, sampler=None, gene
     m.recommended, else diffusers' defaults (100 DDIM steps, eta 0). Others as txt2img."""
     s = settings(m, "superres", num_inference_steps=num_inference_steps, eta=eta, sampler=sampler,
                  steps_offset=steps_offset, set_alpha_to_one=set_alpha_to_one,
-                 timestep_spacing=timestep_spacing, output_type=output_type)  # fmt: skip
+                 timestep_spacing=timestep_spacing, sigmas=sigmas, output_type=output_type)  # fmt: skip
     if decode_tile is not None or unet_tile is not None:
         m = TiledModel(m, decode_tile=decode_tile, unet_tile=unet_tile)
     low = low_res_image(image)
     shape = (low.shape[0], m.latent_channels, *low.shape[-2:])
     _check_tensor("latents", latents, shape)
-    _check_tensor("noise", noise, (s["num_inference_steps"], *shape))
+    _check_noise(m, s, noise, shape)
     _check_generator(generator, low.shape[0])
 
     x_T = _initial_noise(m, shape, generator, latents)

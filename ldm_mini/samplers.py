@@ -1,33 +1,34 @@
-"""Samplers for latent diffusion: one loop per algorithm, each step also a plain function.
+"""Samplers for latent diffusion: one loop per algorithm, each step also a plain function; the registry.
 
 DDPM  Ho et al. 2020, arXiv:2006.11239: ancestral sampling (Algorithm 2) with the posterior
       q(z_{t-1} | z_t, z_0) of Eq. 6-7 at the predicted z_0 (Eq. 4 solved for z_0, as in Eq. 15).
 DDIM  Song et al. 2021, arXiv:2010.02502: update Eq. 12, sigma_t(eta) Eq. 16.
 PLMS  Liu et al. 2022, arXiv:2202.09778 ("pseudo linear multistep", CompVis plms.py, diffusers PNDM
       with skip_prk_steps): an Adams-Bashforth combination of past eps fed to the DDIM update (Eq. 9).
-LMS   the linear multistep method on the ODE dz/dsigma = (z - z_0) / sigma in the variance-exploding
-      form z_sigma = z_t / sqrt(ab_t), sigma = sqrt((1 - ab_t) / ab_t) (Karras et al. 2022,
-      arXiv:2206.00364; k-diffusion sample_lms, diffusers LMSDiscreteScheduler).
 CFG   Ho & Salimans 2022, arXiv:2207.12598: eps_u + s * (eps_c - eps_u).
-Notation: DDIM's alpha_t is DDPM's alpha-bar_t; both are `ab` / `alphas_cumprod[t]` here. Timesteps
-are integers 0..T-1 (T = 1000), except LMS with the "linspace" spacing (fractional t).
+The sigma-space samplers, solvers of the probability-flow ODE (and SDE), are in ksamplers.py: LMS, Euler,
+Euler ancestral, Heun, DPM-2, DPM-Solver++(2M) and its SDE variant, UniPC. SAMPLERS and SAMPLER_OPTIONS below
+list all of them, check_settings checks the settings of any of them.
+Notation: DDIM's alpha_t is DDPM's alpha-bar_t; both are `ab` / `alphas_cumprod[t]` here. Timesteps are
+integers 0..T-1 (T = 1000) here; the sigma-space samplers also visit fractional ones.
 
 Timestep conventions (ldm_mini.schedule: spaced_timesteps, ddim_alphas): CompVis DDIM/PLMS run
 t = range(0, T, T//S) + 1, e.g. 801, 601, 401, 201, 1 for S = 5, and the last step goes to alpha-bar_0
 (= alphas_cumprod[0]); in diffusers' words: timestep_spacing "leading", steps_offset 1, set_alpha_to_one
 False. diffusers' DDIMScheduler defaults are steps_offset 0 (800, ..., 0) and set_alpha_to_one True
-(alpha-bar = 1 after the last step). The `None` arguments below default to the model's `m.schedule`.
-The loops take schedule.py's diffusers-reproducing options, so they match diffusers bit for bit.
+(alpha-bar = 1 after the last step). The `None` arguments of DDPM, DDIM and PLMS default to the model's
+`m.schedule`; those of the sigma-space samplers to the "linspace" spacing (see `conventions`). The loops take
+schedule.py's diffusers-reproducing options, so they match diffusers bit for bit.
 
-Randomness is explicit: per-step noise comes from `generator` (torch.randn, drawn as diffusers
-draws it) or from `noise` (num_steps, *x_T.shape): step i adds sigma_i * noise[i].
+Randomness is explicit: per-step noise comes from `generator` (torch.randn, drawn as diffusers draws it)
+or from `noise` (num_steps, *x_T.shape): step i adds sigma_i * noise[i].
 
 One contract for every loop: after step i, which started at timestep t, it calls
 callback({"i": i, "t": t, "z": z, "x0": x0}) with z the latent after the step and x0 the step's predicted
 z_0, both in the variance-preserving space the UNet sees, z_t = sqrt(ab_t) z_0 + sqrt(1 - ab_t) eps (std ~1
-at the start; after the last step z is the returned z_0), whatever a sampler keeps inside (LMS:
-z_t / sqrt(ab_t)). So any sampler's recorded states decode alike. The step functions return new tensors
-(and LMS its new history) and never change their arguments.
+at the start; after the last step z is the returned z_0), whatever a sampler keeps inside (the sigma-space
+samplers: z_t / sqrt(ab_t)). So any sampler's recorded states decode alike. The step functions return new
+tensors (and LMS its new history) and never change their arguments.
 """
 
 import math
@@ -36,33 +37,47 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .schedule import (
-    check_timesteps,
-    ddim_alphas,
-    ddim_timesteps,
-    lms_init_noise_sigma,
-    lms_sigmas,
-    plms_first_alphas,
-    spaced_timesteps,
-)
+from .schedule import SIGMA_SCHEDULES, check_timesteps, ddim_alphas, ddim_timesteps, plms_first_alphas
 
 # Adams-Bashforth: eps' = sum(w_k * eps_{-k}) / d over the newest eps first (PLMS, CompVis plms.py).
 ADAMS_BASHFORTH = {1: ((1,), 1), 2: ((3, -1), 2), 3: ((23, -16, 5), 12), 4: ((55, -59, 37, -9), 24)}
 
 # The options of each loop beyond (m, x_T, num_steps, cond, uncond, guidance_scale, callback, progress).
+SIGMA_OPTIONS = ("sigmas", "steps_offset", "timestep_spacing")
 SAMPLER_OPTIONS = {
     "ddim": ("eta", "noise", "generator", "steps_offset", "set_alpha_to_one", "timestep_spacing"),
     "plms": ("steps_offset", "set_alpha_to_one", "timestep_spacing"),
-    "lms": ("order", "steps_offset", "timestep_spacing"),
     "ddpm": ("noise", "generator", "steps_offset", "timestep_spacing"),
+    "lms": ("order", *SIGMA_OPTIONS),  # the sigma-space samplers (ksamplers.py) from here on
+    "euler": SIGMA_OPTIONS,
+    "euler_ancestral": ("noise", "generator", *SIGMA_OPTIONS),
+    "heun": SIGMA_OPTIONS,
+    "dpm_2": SIGMA_OPTIONS,
+    "dpmpp_2m": SIGMA_OPTIONS,
+    "dpmpp_2m_sde": ("noise", "generator", *SIGMA_OPTIONS),
+    "unipc": SIGMA_OPTIONS,
 }
+SIGMA_SPACE = tuple(name for name, options in SAMPLER_OPTIONS.items() if "sigmas" in options)
+MULTISTEP = ("dpmpp_2m", "dpmpp_2m_sde", "unipc")  # S of S + 1 spaced timesteps (schedule.solver_sigmas)
+
+
+def conventions(schedule, sampler: str) -> dict:
+    """The timestep conventions `sampler` uses where a call gives none: the weights' source's (m.schedule) for
+    DDPM, DDIM and PLMS; for the sigma-space samplers the "linspace" spacing that diffusers' schedulers and
+    k-diffusion use for them (a "leading" override still takes m.schedule's steps_offset)."""
+    options = SAMPLER_OPTIONS[sampler]
+    names = ("steps_offset", "set_alpha_to_one", "timestep_spacing")
+    out = {k: getattr(schedule, k) for k in names if k in options}
+    if sampler in SIGMA_SPACE:
+        out["timestep_spacing"] = "linspace"
+    return out
 
 
 # --- checks: all before any model call ----------------------------------------------------------------
 def check_settings(num_train_timesteps: int, num_steps: int, *, sampler: str = "ddim",
                    eta: float | None = 0.0, noise: Tensor | None = None, steps_offset: int | None = None,
                    set_alpha_to_one: bool | None = None, timestep_spacing: str | None = None,
-                   order: int | None = None) -> None:  # fmt: skip
+                   order: int | None = None, sigmas: str | None = None) -> None:  # fmt: skip
     """Raise ValueError, one line naming the problem and the fix, for settings `sampler` cannot run. It
     needs no model or tensor, so a pipeline or CLI calls it before any work; every loop calls it first.
     None = not given, not checked (pass m.schedule's values to check what a loop will use); eta = 0 (or
@@ -79,26 +94,36 @@ def check_settings(num_train_timesteps: int, num_steps: int, *, sampler: str = "
     if eta is not None and eta != 0 and "eta" not in options:
         raise ValueError(f"eta={eta} needs sampler='ddim': the other samplers take no eta")
     if noise is not None and "noise" not in options:
-        raise ValueError(
-            f"sampler {sampler!r} is deterministic: it takes no per-step noise= (drop it, or use ddim/ddpm)"
-        )
+        stochastic = "/".join(name for name, o in SAMPLER_OPTIONS.items() if "noise" in o)
+        raise ValueError(f"sampler {sampler!r} is deterministic: it takes no per-step noise= (drop it, or "
+                         f"use {stochastic})")  # fmt: skip
     given = dict(steps_offset=steps_offset, set_alpha_to_one=set_alpha_to_one,
-                 timestep_spacing=timestep_spacing, order=order)  # fmt: skip
+                 timestep_spacing=timestep_spacing, order=order, sigmas=sigmas)  # fmt: skip
     if unknown := [k for k, v in given.items() if v is not None and k not in options]:
         raise ValueError(f"sampler {sampler!r} has no option(s) {unknown}: its options are {list(options)}")
     if set_alpha_to_one is not None and not isinstance(set_alpha_to_one, bool):
         raise ValueError(f"set_alpha_to_one must be True or False, got {set_alpha_to_one!r}")
     if order is not None and order not in (1, 2, 3, 4):
         raise ValueError(f"order must be 1, 2, 3 or 4, got {order!r}")
+    if sigmas is not None and sigmas not in SIGMA_SCHEDULES:
+        raise ValueError(f"unknown sigmas {sigmas!r}: use one of {SIGMA_SCHEDULES}, or None (the model's)")
     check_timesteps(num_train_timesteps, num_steps, timestep_spacing, steps_offset)
+    T = num_train_timesteps
+    if sampler in MULTISTEP and timestep_spacing != "trailing" and num_steps >= T:
+        raise ValueError(f"sampler {sampler!r} spaces num_steps + 1 timesteps (as diffusers), the last one "
+                         f"unused: use at most {T - 1} steps, or timestep_spacing='trailing'")  # fmt: skip
+    if sampler in MULTISTEP and timestep_spacing == "leading":
+        check_timesteps(T, num_steps + 1, timestep_spacing, steps_offset)
 
 
 def _start(m, sampler, x_T, num_steps, cond, uncond, guidance_scale, *, eta=0.0, noise=None, generator=None,
-           order=None, **convention):  # fmt: skip
-    """Every check of a loop, before any model call; returns `convention` with None taken from m.schedule."""
-    convention = {k: getattr(m.schedule, k) if v is None else v for k, v in convention.items()}
+           order=None, sigmas=None, **convention):  # fmt: skip
+    """Every check of a loop, before any model call; returns `convention` with None taken from
+    conventions(m.schedule, sampler), and "sigmas"."""
+    default = conventions(m.schedule, sampler)
+    convention = {k: default[k] if v is None else v for k, v in convention.items()}
     check_settings(m.alphas_cumprod.shape[0], num_steps, sampler=sampler, eta=eta, noise=noise, order=order,
-                   **convention)  # fmt: skip
+                   sigmas=sigmas, **convention)  # fmt: skip
     if cond is not None and cond.shape[0] != x_T.shape[0]:
         raise ValueError(f"cond has batch {cond.shape[0]} but x_T has batch {x_T.shape[0]}: they must match")
     if guidance_scale != 1.0 and (cond is None or uncond is None or uncond.shape != cond.shape):
@@ -112,7 +137,7 @@ def _start(m, sampler, x_T, num_steps, cond, uncond, guidance_scale, *, eta=0.0,
         raise ValueError(f"noise must have shape (num_steps, *x_T.shape) = {want}, got {tuple(noise.shape)}")
     if noise is not None and generator is not None:
         raise ValueError("pass either noise= (the per-step noise) or generator=, not both")
-    return convention
+    return {**convention, "sigmas": sigmas}
 
 
 # --- shared pieces --------------------------------------------------------------------------------
@@ -191,36 +216,6 @@ def plms_eps(eps: Tensor, old_eps: list[Tensor]) -> Tensor:
     history = [eps, *reversed(old_eps[-3:])]  # newest first
     weights, denom = ADAMS_BASHFORTH[len(history)]
     return sum(w * e for w, e in zip(weights, history, strict=True)) / denom
-
-
-def lms_coefficients(sigmas: list[float], i: int, order: int) -> list[float]:
-    """Integrals over [sigma_i, sigma_{i+1}] of the Lagrange polynomials l_j through sigma_i, sigma_{i-1},
-    ..., sigma_{i-order+1} (newest first). l_j has degree order - 1 <= 3, so Simpson's rule is exact
-    (diffusers and k-diffusion integrate numerically with scipy.integrate.quad)."""
-    nodes = [sigmas[i - k] for k in range(order)]
-
-    def basis(j, s):  # Lagrange polynomial j at s: 1 at nodes[j], 0 at the other nodes
-        out = 1.0
-        for k in range(order):
-            if k != j:
-                out *= (s - nodes[k]) / (nodes[j] - nodes[k])
-        return out
-
-    a, b = sigmas[i], sigmas[i + 1]
-    return [(b - a) / 6 * (basis(j, a) + 4 * basis(j, (a + b) / 2) + basis(j, b)) for j in range(order)]
-
-
-def lms_step(z, eps, sigmas, i, derivatives=(), order=4):
-    """One LMS step from sigmas[i] to sigmas[i+1] on the ODE dz/dsigma = (z - z_0) / sigma.
-    z is the variance-exploding state (z_t / sqrt(ab_t)); `derivatives` holds the earlier steps'
-    dz/dsigma, oldest first. Returns (z at sigmas[i+1], predicted z_0, the new history: `derivatives` with
-    this step's appended, at most `order` kept, as a new tuple)."""
-    sigma = sigmas[i]
-    x0 = z - sigma * eps  # z_sigma = z_0 + sigma * eps
-    derivatives = (*derivatives, (z - x0) / sigma)[-order:]  # dz/dsigma (k-diffusion: to_d)
-    coeffs = lms_coefficients(sigmas.tolist(), i, min(i + 1, order))
-    z_next = z + sum(c * d for c, d in zip(coeffs, reversed(derivatives), strict=False))
-    return z_next, x0, derivatives
 
 
 # --- sampling loops -------------------------------------------------------------------------------
@@ -307,26 +302,10 @@ def plms(m, x_T, num_steps=50, cond=None, uncond=None, guidance_scale=1.0, steps
     return z
 
 
-@torch.no_grad()
-def lms(m, x_T, num_steps=50, cond=None, uncond=None, guidance_scale=1.0, order=4, steps_offset=None,
-        timestep_spacing=None, callback=None, progress=True):  # fmt: skip
-    """LMS in sigma (diffusers' LMSDiscreteScheduler, used as a correct pipeline uses it). x_T is unit
-    noise here too: lms scales it to the sigma-space state by diffusers' init_noise_sigma, and reports
-    z_t (the state / sqrt(sigma^2 + 1)) to the callback, as the other samplers do."""
-    s = _start(m, "lms", x_T, num_steps, cond, uncond, guidance_scale, order=order, steps_offset=steps_offset,
-               timestep_spacing=timestep_spacing)  # fmt: skip
-    ts = spaced_timesteps(num_steps, m.alphas_cumprod.shape[0], s["steps_offset"], s["timestep_spacing"])
-    ts = torch.tensor(ts).tolist()  # float32 values (fractional for "linspace"), as diffusers keeps them
-    sigmas = lms_sigmas(m.alphas_cumprod, ts)  # (S + 1,) float32, last 0
-    z = x_T * lms_init_noise_sigma(sigmas.max(), diffusers_spacing=s["timestep_spacing"])
-    derivatives = ()  # dz/dsigma of the earlier steps, oldest first
-    for i, t in enumerate(tqdm(ts, desc="LMS", disable=not progress)):
-        z_t = z / (sigmas[i] ** 2 + 1) ** 0.5  # the variance-preserving z_t the UNet was trained on
-        eps = guided_eps(m, z_t, t, cond, uncond, guidance_scale)
-        z, x0, derivatives = lms_step(z, eps, sigmas, i, derivatives, order)
-        if callback is not None:  # z_t after the step (at sigmas[i + 1]; the last is 0: z itself)
-            callback({"i": i, "t": t, "z": z / (sigmas[i + 1] ** 2 + 1) ** 0.5, "x0": x0})
-    return z
+# --- the registry: every loop by name (the pipelines' and the command line's `sampler`) ----------------
+from .ksamplers import dpm_2, dpmpp_2m, dpmpp_2m_sde, euler, euler_ancestral, heun, lms, unipc  # noqa: E402
 
-
-SAMPLERS = {"ddim": ddim, "plms": plms, "lms": lms, "ddpm": ddpm}
+SAMPLERS = {"ddim": ddim, "plms": plms, "ddpm": ddpm, "lms": lms, "euler": euler,
+            "euler_ancestral": euler_ancestral, "heun": heun, "dpm_2": dpm_2, "dpmpp_2m": dpmpp_2m,
+            "dpmpp_2m_sde": dpmpp_2m_sde, "unipc": unipc}  # fmt: skip
+assert set(SAMPLERS) == set(SAMPLER_OPTIONS)

@@ -25,6 +25,7 @@ so that they match diffusers' schedulers bit for bit (tests/test_samplers.py).
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -244,3 +245,109 @@ def lms_init_noise_sigma(sigma_max: Tensor, *, diffusers_spacing: str | None = N
     if diffusers_spacing in ("linspace", "trailing"):
         return sigma_max
     return (sigma_max**2 + 1) ** 0.5
+
+
+# --- sigma-space samplers: sigma schedules and the sigma <-> t map ---------------------------------------
+# The samplers of ksamplers.py integrate in sigma, the noise level of the variance-exploding state
+# z_t / sqrt(ab_t) = z_0 + sigma_t * eps, sigma_t = sqrt((1 - ab_t) / ab_t) (Karras et al. 2022,
+# arXiv:2206.00364).
+# Which sigmas they visit: the model's own at spaced timesteps (None), or a schedule between two of them.
+SIGMA_SCHEDULES = ("karras", "exponential")
+
+
+def model_sigmas(alphas_cumprod: Tensor) -> Tensor:
+    """sigma_t = sqrt((1 - ab_t) / ab_t) at the T training steps: (T,), increasing (0.029 .. 14.6, LDMs)."""
+    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> list[float]:
+    """Karras et al. 2022, Eq. 5, for i = 0 .. n-1 (the samplers append sigma_n = 0):
+
+        sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
+
+    rho = 7 (the paper's choice) makes the steps shrink towards sigma_min, where the details form (in log
+    sigma they grow: the exponential schedule, rho -> infinity, is uniform there). Python floats (float64),
+    as diffusers' numpy."""
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    ramp = [i / (n - 1) for i in range(n)] if n > 1 else [0.0]
+    return [(hi + r * (lo - hi)) ** rho for r in ramp]
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> list[float]:
+    """n sigmas from sigma_max to sigma_min, evenly spaced in log sigma (k-diffusion get_sigmas_exponential,
+    diffusers use_exponential_sigmas): Eq. 5 in the limit rho -> infinity. Python floats (float64)."""
+    lo, hi = math.log(sigma_min), math.log(sigma_max)
+    return [math.exp(hi + (i / (n - 1) if n > 1 else 0.0) * (lo - hi)) for i in range(n)]
+
+
+def sigma_to_t(sigmas, alphas_cumprod: Tensor, *, diffusers_rounding: bool = True,
+               float32: bool = False) -> list[float]:  # fmt: skip
+    """The (fractional) timestep of each sigma: log sigma interpolated linearly between the training steps,
+    t = k + (log sigma_k - log sigma) / (log sigma_k - log sigma_{k+1}) where sigma_k <= sigma < sigma_{k+1},
+    clamped to [0, T - 1] (k-diffusion DiscreteSchedule.sigma_to_t, diffusers' _sigma_to_t); in float64, or
+    all in float32 (float32=True: diffusers' KDPM2DiscreteScheduler for its midpoints, which meet this
+    function as float32 tensors). diffusers_rounding=True: the logs by numpy, those of the training sigmas
+    in float32, as diffusers computes them. numpy's float32 log is 1 ulp from the exact one for a fifth of
+    them, which moves t by < 1e-4, but also puts sigma_max at t = 998.99999975, not 999: what diffusers' int64
+    cast (DPM-Solver++ and UniPC with the exponential schedule) truncates to 998."""
+
+    def log(x: Tensor) -> Tensor:
+        return torch.from_numpy(np.log(x.numpy())) if diffusers_rounding else x.log()
+
+    dtype = torch.float32 if float32 else torch.float64
+    train = model_sigmas(alphas_cumprod).float().cpu()  # (T,), increasing
+    log_train = log(train if diffusers_rounding or float32 else train.double())
+    log_sigma = log(torch.as_tensor(sigmas, dtype=dtype).cpu().clamp(min=1e-10))  # (n,)
+    low = torch.searchsorted(log_train.to(dtype), log_sigma, right=True) - 1
+    low = low.clamp(0, len(train) - 2)  # the training step at or below each sigma
+    step = log_train[low] - log_train[low + 1]  # < 0, in log_train's dtype
+    w = ((log_train[low].to(dtype) - log_sigma) / step.to(dtype)).clamp(0, 1)
+    return ((1 - w) * low + w * (low + 1)).tolist()
+
+
+def _schedule(name: str | None, sigma_min: float, sigma_max: float, n: int) -> list[float]:
+    if name not in SIGMA_SCHEDULES:
+        raise ValueError(f"unknown sigmas {name!r}: use one of {SIGMA_SCHEDULES}, or None (the model's)")
+    return (karras_sigmas if name == "karras" else exponential_sigmas)(sigma_min, sigma_max, n)
+
+
+def k_sigmas(alphas_cumprod: Tensor, num_steps: int, steps_offset: int = 0,
+             timestep_spacing: str = "linspace",
+             sigmas: str | None = None) -> tuple[list[float], Tensor]:  # fmt: skip
+    """The timesteps (S floats, float32 values) and sigmas (S + 1,, float32, the last 0) that Euler, Euler
+    ancestral, Heun, DPM-2 and LMS visit, as diffusers' Euler/EulerAncestral/Heun/KDPM2/LMSDiscreteScheduler:
+    sigmas=None: the model's sigma at each spaced_timesteps t (lms_sigmas, linear between training steps);
+    "karras" / "exponential": S new sigmas between the first and last of those (for "linspace", the model's
+    sigma_max and sigma_min), each at the timestep sigma_to_t gives (fractional)."""
+    T = alphas_cumprod.shape[0]
+    ts = torch.tensor(spaced_timesteps(num_steps, T, steps_offset, timestep_spacing)).tolist()  # float32
+    own = lms_sigmas(alphas_cumprod, ts)  # (S + 1,)
+    if sigmas is None:
+        return ts, own
+    new = _schedule(sigmas, own[-2].item(), own[0].item(), num_steps)
+    ts = torch.tensor(sigma_to_t(new, alphas_cumprod), dtype=torch.float32).tolist()
+    return ts, torch.tensor([*new, 0.0], dtype=torch.float32)
+
+
+def solver_sigmas(alphas_cumprod: Tensor, num_steps: int, steps_offset: int = 0,
+                  timestep_spacing: str = "linspace",
+                  sigmas: str | None = None) -> tuple[list[int], Tensor]:  # fmt: skip
+    """The integer timesteps (S,) and sigmas (S + 1,, float32, the last 0) of DPM-Solver++ and UniPC, placed
+    as diffusers' DPMSolverMultistepScheduler and UniPCMultistepScheduler place them: for "linspace" and
+    "leading" the first S of S + 1 spaced points, rounded (linspace, S = 10: 999, 899, ..., 100; not 0: the
+    last step goes from t = 100 to sigma = 0), for "trailing" spaced_timesteps; the model's sigmas there, or
+    Karras / exponential sigmas between the model's sigma_min and sigma_max (whatever the spacing), each at
+    the timestep sigma_to_t gives, rounded (Karras) or truncated (exponential: diffusers' int64 cast) to an
+    integer. (diffusers' DPM-Solver++ skips that rounding for the cosine schedule; here it is always done.)"""
+    T = alphas_cumprod.shape[0]
+    if timestep_spacing == "trailing":
+        ts = spaced_timesteps(num_steps, T, steps_offset, timestep_spacing)
+    else:  # S + 1 points, the last one (t = 0, or steps_offset) dropped
+        ts = spaced_timesteps(num_steps + 1, T, steps_offset, timestep_spacing)[:-1]
+    ts = [round(t) for t in ts]
+    if sigmas is None:
+        return ts, lms_sigmas(alphas_cumprod, [float(t) for t in ts])
+    own = model_sigmas(alphas_cumprod)
+    new = _schedule(sigmas, own[0].item(), own[-1].item(), num_steps)
+    ts = [round(t) if sigmas == "karras" else int(t) for t in sigma_to_t(new, alphas_cumprod)]
+    return ts, torch.tensor([*new, 0.0], dtype=torch.float32)

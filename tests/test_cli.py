@@ -197,7 +197,7 @@ BAD = [  # (argv with {t} {u} {s} for the tiny files, message expected on stderr
     (["verify", "{t}", "--guidance", "nan"], "--guidance must be a finite number"),
     (["txt2img", "x", "--weights", "{t}", "--eta", "0.5", "--sampler", "plms"], "needs --sampler ddim"),
     (["txt2img", "x", "--weights", "{t}", "--eta", "-1"], "--eta must be >= 0"),
-    (["txt2img", "x", "--weights", "{t}", "--sampler", "euler"], "invalid choice"),
+    (["txt2img", "x", "--weights", "{t}", "--sampler", "euler_a"], "invalid choice"),
     (["txt2img", "x", "--weights", "{t}", "--height", "30"], "multiples of 4"),
     (["txt2img", "x", "--weights", "{t}", "-n", "0"], "-n/--num-images must be >= 1"),
     (["sample", "--weights", "{u}", "--out", "x.jpg"], "a folder or a .png file"),
@@ -329,3 +329,31 @@ def test_module_entry_point_in_a_subprocess(tiny, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert f"wrote {out} (16x16, seed 0)" in proc.stdout and out.is_file()
     assert "DDIM" in proc.stderr  # the tqdm bar over the steps
+
+
+def test_sampler_and_sigmas_flags_are_recorded_and_give_the_librarys_image(tiny, tmp_path, capsys):
+    file = tiny["txt2img"][1]
+    argv = ["txt2img", PROMPT, "--weights", str(file), "--steps", "3", "--seed", "4", "--guidance", "2",
+            "--sampler", "dpmpp_2m", "--sigmas", "karras", "--out", str(tmp_path / "k.png")]  # fmt: skip
+    assert main(argv) == 0
+    (path,) = written(capsys.readouterr().out)
+    text = Image.open(path).text
+    assert (text["sampler"], text["sigmas"], text["steps"]) == ("dpmpp_2m", "karras", "3")
+    ref = ldm_mini.txt2img(ldm_mini.load(file), PROMPT, num_inference_steps=3, guidance_scale=2.0,
+                           sampler="dpmpp_2m", sigmas="karras", generator=torch.Generator().manual_seed(4),
+                           progress=False)[0]  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(path)), np.asarray(ref))
+    argv = ["sample", "--weights", str(tiny["unconditional"][1]), "--steps", "2", "--seed", "1",
+            "--sampler", "euler_ancestral", "--out", str(tmp_path / "a.png")]  # fmt: skip
+    assert main(argv) == 0 and "sigmas" not in Image.open(tmp_path / "a.png").text  # only when given
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sigmas", "karras"], "'ddim' has no option(s) ['--sigmas']"),
+    (["--sampler", "heun", "--sigmas", "rho"], "invalid choice: 'rho'"),
+    (["--sampler", "unipc", "--steps", "1000"], "use at most 999 steps"),
+    (["--sampler", "euler", "--eta", "0.5"], "needs --sampler ddim"),
+])  # fmt: skip
+def test_bad_sampler_options_exit_2_before_any_weight_is_read(tiny, argv, message, capsys):
+    assert exit_code(["txt2img", "x", "--weights", str(tiny["txt2img"][1]), *argv]) == 2
+    assert message in capsys.readouterr().err

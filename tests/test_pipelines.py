@@ -16,8 +16,18 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
-from diffusers.schedulers import scheduling_ddpm, scheduling_lms_discrete
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers import scheduling_ddpm, scheduling_euler_ancestral_discrete, scheduling_lms_discrete
 from helpers import save_pipeline, tiny_superres, tiny_txt2img, tiny_unconditional
 
 import ldm_mini
@@ -53,15 +63,15 @@ def with_scheduler(pipe, scheduler):
 
 
 def inject_step_noise(monkeypatch, scheduler, noise):
-    """Make scheduler.step use noise[i] at step i: DDIM through its variance_noise argument, DDPM (which
-    has none) by replacing the randn_tensor it draws with. functools.wraps keeps step's signature, which
-    the pipelines inspect for `eta`."""
+    """Make scheduler.step use noise[i] at step i: DDIM and DPM-Solver++ SDE through their variance_noise
+    argument, DDPM (which has none) by replacing the randn_tensor it draws with. functools.wraps keeps step's
+    signature, which the pipelines inspect for `eta`."""
     original, step = scheduler.step, {"i": -1}
 
     @functools.wraps(original)
     def wrapped(*args, **kwargs):
         step["i"] += 1
-        if isinstance(scheduler, DDIMScheduler):
+        if isinstance(scheduler, DDIMScheduler | DPMSolverMultistepScheduler):
             kwargs["variance_noise"] = noise[step["i"]]
         return original(*args, **kwargs)
 
@@ -141,38 +151,96 @@ def test_txt2img_plms_and_ddpm_match_diffusers(t2i, monkeypatch, sampler, scale)
     close(f"txt2img {sampler} scale {scale}", ours, ref)
 
 
-@torch.no_grad()
-@pytest.mark.parametrize("spacing", ["leading", "linspace"])
-def test_txt2img_lms_matches_a_correct_diffusers_loop(t2i, lms_reference, spacing):
-    """LDMTextToImagePipeline never applies init_noise_sigma / scale_model_input, so LMS through it is
-    wrong: compare with LMSDiscreteScheduler used as its docs say, and show that the pipeline differs.
-    Timestep spacing: ldm_mini uses the file's (here "leading", recorded from the DDIM config) for every
-    sampler; diffusers' LMSDiscreteScheduler.from_config(ddim_config) falls back to its own default
-    "linspace" when the DDIM config only had the default. Both are compared."""
-    pipe, m = t2i
-    scale = 3.0
-    ours = txt2img(m, PROMPTS, num_inference_steps=STEPS, guidance_scale=scale, height=32, width=32,
-                   generator=seeded(0), sampler="lms",
-                   output_type="np", progress=False, timestep_spacing=spacing)  # fmt: skip
+# --- the sigma-space samplers: against diffusers' schedulers, used as a correct pipeline uses them ----------
+STOCHASTIC = ("euler_ancestral", "dpmpp_2m_sde")
 
-    scheduler = LMSDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing=spacing)
+
+def sigma_scheduler(config, sampler, sigmas=None, spacing=None):
+    """diffusers' scheduler for `sampler`, from the pipeline's (DDIM) config as a user would make it; the
+    config's default timestep_spacing is not carried over: each scheduler's own default ("linspace") holds."""
+    kw = {} if sigmas is None else {f"use_{sigmas}_sigmas": True}
+    if spacing is not None:
+        kw["timestep_spacing"] = spacing
+    if sampler in ("dpmpp_2m", "dpmpp_2m_sde"):
+        kw["algorithm_type"] = "dpmsolver++" if sampler == "dpmpp_2m" else "sde-dpmsolver++"
+    classes = {"lms": LMSDiscreteScheduler, "euler": EulerDiscreteScheduler,
+               "euler_ancestral": EulerAncestralDiscreteScheduler, "heun": HeunDiscreteScheduler,
+               "dpm_2": KDPM2DiscreteScheduler, "dpmpp_2m": DPMSolverMultistepScheduler,
+               "dpmpp_2m_sde": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler}  # fmt: skip
+    return classes[sampler].from_config(config, **kw)
+
+
+@torch.no_grad()
+def correct_loop(pipe, scheduler, prompts, scale, monkeypatch, noise=None):
+    """LDMTextToImagePipeline's loop with the scheduler's init_noise_sigma and scale_model_input, which that
+    pipeline never applies, and noise[i] as the step noise of the stochastic schedulers."""
     tokens = functools.partial(pipe.tokenizer, padding="max_length", max_length=77, truncation=True,
                                return_tensors="pt")  # fmt: skip
-    cond, uncond = (pipe.bert(tokens(p).input_ids)[0] for p in (PROMPTS, ["", ""]))
+    cond, uncond = (pipe.bert(tokens(p).input_ids)[0] for p in (prompts, [""] * len(prompts)))
     scheduler.set_timesteps(STEPS)
-    z = torch.randn(2, 4, 8, 8, generator=seeded(0)) * scheduler.init_noise_sigma
+    z = torch.randn(len(prompts), 4, 8, 8, generator=seeded(0)) * scheduler.init_noise_sigma
+    step = {"i": -1}
+    if isinstance(scheduler, EulerAncestralDiscreteScheduler):  # its step() draws: hand it noise[i]
+        draw = lambda *a, **k: noise[step["i"]]  # noqa: E731
+        monkeypatch.setattr(scheduling_euler_ancestral_discrete, "randn_tensor", draw)
+    sde = getattr(scheduler.config, "algorithm_type", None) == "sde-dpmsolver++"
     for t in scheduler.timesteps:
+        step["i"] += 1
         z_in = scheduler.scale_model_input(torch.cat([z, z]), t)
         e_uc, e_c = pipe.unet(z_in, t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
-        z = scheduler.step(e_uc + scale * (e_c - e_uc), t, z).prev_sample
+        kw = {"variance_noise": noise[step["i"]]} if sde else {}
+        z = scheduler.step(e_uc + scale * (e_c - e_uc), t, z, **kw).prev_sample
     image = pipe.vqvae.decode(z / pipe.vqvae.config.scaling_factor).sample
-    ref = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-    close(f"txt2img lms {spacing} vs correct loop", ours, ref)
-    if spacing == "linspace":  # = LMSDiscreteScheduler.from_config(pipe.scheduler.config) in the pipeline
+    return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+SIGMA_CASES = [  # (sampler, sigmas, timestep_spacing); None: the default (the model's sigmas, "linspace")
+    ("lms", None, None), ("lms", None, "leading"), ("lms", "karras", None), ("euler", None, None),
+    ("euler", "karras", None), ("euler_ancestral", None, "trailing"), ("heun", None, None),
+    ("heun", "exponential", None), ("dpm_2", None, None), ("dpm_2", "karras", None), ("dpmpp_2m", None, None),
+    ("dpmpp_2m", "karras", None), ("dpmpp_2m_sde", "karras", None), ("unipc", None, None),
+    ("unipc", "exponential", "leading"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("sampler, sigmas, spacing", SIGMA_CASES)
+def test_txt2img_sigma_space_samplers_match_a_correct_diffusers_loop(t2i, lms_reference, monkeypatch, sampler,
+                                                                     sigmas, spacing):  # fmt: skip
+    """Their default is diffusers' (and k-diffusion's) for them, "linspace", whatever the file's DDIM spacing
+    (here "leading", recorded from the DDIM config): the scheduler a user builds with from_config."""
+    pipe, m = t2i
+    scale = 3.0
+    noise = torch.randn(STEPS, 2, 4, 8, 8, generator=seeded(1)) if sampler in STOCHASTIC else None
+    ours = txt2img(m, PROMPTS, num_inference_steps=STEPS, guidance_scale=scale, height=32, width=32,
+                   generator=seeded(0), sampler=sampler, sigmas=sigmas, timestep_spacing=spacing, noise=noise,
+                   output_type="np", progress=False)  # fmt: skip
+    scheduler = sigma_scheduler(pipe.scheduler.config, sampler, sigmas, spacing)
+    assert scheduler.config.timestep_spacing == (spacing or "linspace")
+    ref = correct_loop(pipe, scheduler, PROMPTS, scale, monkeypatch, noise)
+    close(f"txt2img {sampler} {sigmas} {spacing} vs correct loop", ours, ref)
+    if sampler == "lms" and spacing is None:  # LMSDiscreteScheduler in LDMTextToImagePipeline: another image
         wrong = with_scheduler(pipe, LMSDiscreteScheduler.from_config(pipe.scheduler.config))
         with pytest.warns(UserWarning, match="scale_model_input"):  # diffusers' own warning
             wrong = wrong(PROMPTS, 64, 64, STEPS, scale, 0.0, seeded(0), output_type="np").images
-        assert np.abs(wrong - ours).max() > 1e-2  # diffusers' LDMTextToImagePipeline + LMS: another image
+        assert np.abs(wrong - ours).max() > 1e-2
+
+
+@pytest.mark.parametrize(
+    "sampler, sigmas", [("dpmpp_2m", None), ("dpmpp_2m_sde", "karras"), ("unipc", "karras")]
+)
+def test_txt2img_dpmpp_and_unipc_match_the_diffusers_pipeline(t2i, monkeypatch, sampler, sigmas):
+    """DPM-Solver++ and UniPC need no init_noise_sigma nor scale_model_input (both are 1): the diffusers
+    pipeline LDMTextToImagePipeline itself runs them right."""
+    pipe, m = t2i
+    noise = torch.randn(STEPS, 2, 4, 8, 8, generator=seeded(1)) if sampler in STOCHASTIC else None
+    ours = txt2img(m, PROMPTS, num_inference_steps=STEPS, guidance_scale=4.0, height=32, width=32,
+                   generator=seeded(0), sampler=sampler, sigmas=sigmas, noise=noise, output_type="np",
+                   progress=False)  # fmt: skip
+    ref_pipe = with_scheduler(pipe, sigma_scheduler(pipe.scheduler.config, sampler, sigmas))
+    if noise is not None:
+        inject_step_noise(monkeypatch, ref_pipe.scheduler, noise)
+    ref = ref_pipe(PROMPTS, 64, 64, STEPS, 4.0, 0.0, seeded(0), output_type="np").images
+    close(f"txt2img {sampler} {sigmas} vs LDMTextToImagePipeline", ours, ref)
 
 
 def test_txt2img_step_noise_comes_from_the_generator(t2i):
@@ -256,6 +324,31 @@ def test_superres_matches_diffusers(sr, monkeypatch, source, eta):
     close(f"superres {source} eta {eta}", ours, ref)
 
 
+@pytest.mark.parametrize("sampler, sigmas", [("heun", "karras"), ("unipc", None), ("euler", "exponential")])
+def test_unconditional_sigma_space_samplers_match_diffusers(uncond, sampler, sigmas):
+    """LDMPipeline applies init_noise_sigma (before set_timesteps: sigma_max either way for "linspace") and
+    scale_model_input, so it runs every scheduler right."""
+    pipe, m = uncond
+    ours = unconditional(m, 2, num_inference_steps=STEPS, generator=seeded(0), sampler=sampler, sigmas=sigmas,
+                         height=16, width=16, output_type="np", progress=False)  # fmt: skip
+    ref_pipe = with_scheduler(pipe, sigma_scheduler(pipe.scheduler.config, sampler, sigmas))
+    ref = ref_pipe(2, seeded(0), 0.0, STEPS, output_type="np").images
+    close(f"unconditional {sampler} {sigmas}", ours, ref)
+
+
+@pytest.mark.parametrize("sampler, sigmas", [("dpmpp_2m", "karras"), ("unipc", None)])
+def test_superres_dpmpp_and_unipc_match_diffusers(sr, sampler, sigmas):
+    """LDMSuperResolutionPipeline scales the concatenation [z_t, image] by scale_model_input (wrong for the
+    sigma-space schedulers that scale, see the module docstring); DPM-Solver++'s and UniPC's is 1: right."""
+    pipe, m = sr
+    image = torch.rand(2, 3, 8, 12, generator=seeded(2)) * 2 - 1
+    ours = superres(m, image, num_inference_steps=STEPS, generator=seeded(0), sampler=sampler, sigmas=sigmas,
+                    output_type="np", progress=False)  # fmt: skip
+    ref_pipe = with_scheduler(pipe, sigma_scheduler(pipe.scheduler.config, sampler, sigmas))
+    ref = ref_pipe(image, num_inference_steps=STEPS, generator=seeded(0), output_type="np").images
+    close(f"superres {sampler} {sigmas}", ours, ref)
+
+
 # --- bad input: a clear ValueError before any compute ------------------------------------------------
 BAD = [
     ("t2i", txt2img, dict(prompt=[]), "non-empty list of strings"),
@@ -263,7 +356,16 @@ BAD = [
     ("t2i", txt2img, dict(prompt="a", num_inference_steps=0), "from 1 to 1000"),
     ("t2i", txt2img, dict(prompt="a", num_inference_steps=2.5), "from 1 to 1000"),
     ("t2i", txt2img, dict(prompt="a", height=30), "height must be a positive multiple of 4"),
-    ("t2i", txt2img, dict(prompt="a", sampler="euler"), "unknown sampler 'euler'"),
+    ("t2i", txt2img, dict(prompt="a", sampler="euler_a"), "unknown sampler 'euler_a'"),
+    ("t2i", txt2img, dict(prompt="a", sigmas="karras"), r"'ddim' has no option\(s\) \['sigmas'\]"),
+    ("t2i", txt2img, dict(prompt="a", sampler="heun", sigmas="rho7"), "unknown sigmas 'rho7'"),
+    (
+        "t2i",
+        txt2img,
+        dict(prompt="a", sampler="euler", noise=torch.zeros(6, 1, 4, 8, 8)),
+        "'euler' is determin",
+    ),
+    ("t2i", txt2img, dict(prompt="a", sampler="dpmpp_2m", num_inference_steps=1000), "at most 999 steps"),
     ("t2i", txt2img, dict(prompt="a", output_type="jpg"), "unknown output_type 'jpg'"),
     ("t2i", txt2img, dict(prompt="a", sampler="plms", eta=0.5), "needs sampler='ddim'"),
     ("t2i", txt2img, dict(prompt="a", eta=-1.0), "eta >= 0"),

@@ -8,14 +8,25 @@ checks (check_settings, SAMPLER_OPTIONS) a pipeline can call before any work.
 """
 
 import inspect
+import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
-from diffusers.schedulers import scheduling_ddpm, scheduling_lms_discrete
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers import scheduling_ddpm, scheduling_euler_ancestral_discrete, scheduling_lms_discrete
 from torch import Tensor, nn
 
-from ldm_mini import samplers, schedule
+from ldm_mini import ksamplers, samplers, schedule
 from ldm_mini.schedule import ScheduleConfig, make_alphas_cumprod
 
 # Without scipy, `diffusers.LMSDiscreteScheduler` is a placeholder that raises; the module's class is real
@@ -355,19 +366,205 @@ def test_lms_x0_matches_diffusers_in_float64(lms_reference):
 def test_lms_coefficients_integrate_the_lagrange_basis():
     sig = [14.6, 9.0, 5.5, 3.1, 1.2, 0.0]
     for i, order in [(0, 1), (1, 2), (3, 4), (4, 4)]:
-        c = samplers.lms_coefficients(sig, i, order)
+        c = ksamplers.lms_coefficients(sig, i, order)
         assert sum(c) == pytest.approx(sig[i + 1] - sig[i], rel=1e-12)  # the basis sums to 1
+
+
+# --- the sigma-space samplers (ksamplers.py) ---------------------------------------------------------
+class KarrasEulerAncestral(EulerAncestralDiscreteScheduler):
+    """diffusers' EulerAncestralDiscreteScheduler has no use_karras_sigmas / use_exponential_sigmas: it gets
+    the sigmas and timesteps EulerDiscreteScheduler computes for them, and steps with its own step()."""
+
+    def __init__(self, *args, sigma_schedule="karras", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sigma_schedule = sigma_schedule
+
+    def set_timesteps(self, num_inference_steps, device=None):
+        super().set_timesteps(num_inference_steps, device)
+        flag = {f"use_{self.sigma_schedule}_sigmas": True}
+        other = EulerDiscreteScheduler.from_config(self.config, **flag)
+        other.set_timesteps(num_inference_steps, device)
+        self.sigmas, self.timesteps = other.sigmas, other.timesteps
+
+
+def diffusers_scheduler(name, sigmas, spacing, offset):
+    """diffusers' scheduler for our sampler `name`, as configured by default, with the sigma schedule."""
+    flag = {} if sigmas is None else {f"use_{sigmas}_sigmas": True}
+    kw = dict(**BETAS, timestep_spacing=spacing, steps_offset=offset)
+    if name == "euler_ancestral":
+        if sigmas is not None:
+            return KarrasEulerAncestral(**kw, sigma_schedule=sigmas)
+        return EulerAncestralDiscreteScheduler(**kw)
+    if name == "dpmpp_2m":
+        return DPMSolverMultistepScheduler(**kw, algorithm_type="dpmsolver++", **flag)
+    if name == "dpmpp_2m_sde":
+        return DPMSolverMultistepScheduler(**kw, algorithm_type="sde-dpmsolver++", **flag)
+    classes = {"euler": EulerDiscreteScheduler, "heun": HeunDiscreteScheduler,
+               "dpm_2": KDPM2DiscreteScheduler, "unipc": UniPCMultistepScheduler,
+               "lms": LMSDiscreteScheduler}  # fmt: skip
+    return classes[name](**kw, **flag)
+
+
+TWO_CALLS = ("heun", "dpm_2")  # diffusers: two step() calls per step but the last
+VE_STATE = ("euler", "euler_ancestral", "heun", "dpm_2", "lms")  # diffusers' state is z_t / sqrt(ab_t)
+
+
+def levels(sched, name, num_steps):
+    """The S + 1 sigmas of the steps (Heun's and KDPM2's scheduler lists repeat them, interleaved)."""
+    if name in TWO_CALLS:
+        return torch.cat([sched.sigmas[:1], sched.sigmas[1::2]])[: num_steps + 1]
+    return sched.sigmas
+
+
+def step_ends(name, num_steps):
+    """Indices of diffusers' step() outputs that end one of our steps (Heun, KDPM2: the second-order ones)."""
+    if name in TWO_CALLS:
+        return [2 * i + 1 for i in range(num_steps - 1)] + [2 * num_steps - 2]
+    return list(range(num_steps))
+
+
+SIGMA_SAMPLERS = ["euler", "euler_ancestral", "heun", "dpm_2", "lms", "dpmpp_2m", "dpmpp_2m_sde", "unipc"]
+K_CASES = [  # (num_steps, guidance, timestep_spacing, steps_offset)
+    (1, 5.0, "linspace", 0),
+    (2, 1.0, "linspace", 0),
+    (7, 5.0, "linspace", 0),
+    (25, 5.0, "linspace", 0),
+    (10, 1.0, "leading", 1),
+    (10, 5.0, "trailing", 0),
+]
+
+
+@pytest.mark.parametrize("num_steps, scale, spacing, offset", K_CASES)
+@pytest.mark.parametrize("sigmas", [None, "karras", "exponential"])
+@pytest.mark.parametrize("name", SIGMA_SAMPLERS)
+def test_sigma_space_samplers_match_diffusers(monkeypatch, lms_reference, name, sigmas, num_steps, scale,
+                                              spacing, offset):  # fmt: skip
+    m = FakeLDM()
+    x_T, cond, uncond = inputs()
+    noise = torch.randn(num_steps, *x_T.shape, generator=torch.Generator().manual_seed(1))
+    sched = diffusers_scheduler(name, sigmas, spacing, offset)
+    step_kwargs = lambda i: {}  # noqa: E731
+    if name == "euler_ancestral":  # its step() has no variance_noise: hand it noise[i] where it draws
+        step = {"i": -1}
+        draw = lambda *a, **k: noise[step["i"]]  # noqa: E731
+        monkeypatch.setattr(scheduling_euler_ancestral_discrete, "randn_tensor", draw)
+        step_kwargs = lambda i: step.update(i=i) or {}  # noqa: E731
+    elif name == "dpmpp_2m_sde":
+        step_kwargs = lambda i: {"variance_noise": noise[i]}  # noqa: E731
+    ref_zs, ref_x0s = reference_loop(sched, m, x_T, num_steps, cond, uncond, scale, step_kwargs)
+    ref_calls = [t for _, t in m.calls]
+    m.calls.clear()
+    kw = {"noise": noise} if name in ("euler_ancestral", "dpmpp_2m_sde") else {}
+    z0, steps = run(samplers.SAMPLERS[name], m, x_T, num_steps=num_steps, cond=cond, uncond=uncond,
+                    guidance_scale=scale, sigmas=sigmas, timestep_spacing=spacing, steps_offset=offset,
+                    **kw)  # fmt: skip
+    ends = step_ends(name, num_steps)
+    ref_zs = [ref_zs[k] for k in ends]
+    if name in VE_STATE:  # diffusers' state after step i, at sigma_{i+1}, as the UNet's z_t
+        ref_zs = as_z_t(ref_zs, levels(sched, name, num_steps))
+    assert_steps_close(z0, steps, ref_zs)
+    diff = max((s["z"] - r).abs().max().item() for s, r in zip(steps, ref_zs, strict=True))
+    if name in VE_STATE and name != "lms":  # (LMS: see test_lms_x0_matches_diffusers_in_float64)
+        starts = [2 * i for i in range(num_steps)] if name in TWO_CALLS else range(num_steps)
+        ours, ref = torch.stack([s["x0"] for s in steps]), torch.stack([ref_x0s[k] for k in starts])
+        torch.testing.assert_close(ours, ref, rtol=0, atol=ATOL)
+        diff = max(diff, (ours - ref).abs().max().item())
+    print(f"max abs diff {name} {sigmas} S={num_steps} {spacing}: {diff:.1e}")  # pytest -s shows them
+    # the same model calls: as many, at the same timesteps (DPM-2's midpoints: diffusers computes their t
+    # in float32, we in float64, 1e-3 apart at most)
+    calls = [t for _, t in m.calls]
+    assert len(calls) == len(ref_calls) == len(sched.timesteps)
+    atol = 1e-3 if name == "dpm_2" else 0
+    torch.testing.assert_close(torch.tensor(calls), torch.tensor(ref_calls), rtol=0, atol=atol)
+    starts = sched.timesteps[::2] if name in TWO_CALLS else sched.timesteps
+    assert [
+        s["t"] for s in steps
+    ] == starts.float().tolist()  # KDPM2 keeps some in float64; the UNet: float32
+
+
+@pytest.mark.parametrize("name, reference", [
+    ("euler_ancestral", lambda: EulerAncestralDiscreteScheduler(**BETAS)),
+    ("dpmpp_2m_sde", lambda: DPMSolverMultistepScheduler(**BETAS, algorithm_type="sde-dpmsolver++")),
+])  # fmt: skip
+def test_stochastic_samplers_draw_as_diffusers_with_the_same_generator(name, reference):
+    m = FakeLDM(kind="unconditional")
+    x_T, *_ = inputs()
+    g = torch.Generator().manual_seed(7)
+    ref_zs, _ = reference_loop(reference(), m, x_T, 8, None, None, 1.0, lambda i: {"generator": g})
+    z0, steps = run(samplers.SAMPLERS[name], m, x_T, num_steps=8, generator=torch.Generator().manual_seed(7))
+    sched = reference()
+    sched.set_timesteps(8)
+    assert_steps_close(z0, steps, as_z_t(ref_zs, sched.sigmas) if name == "euler_ancestral" else ref_zs)
+
+
+def test_karras_and_exponential_sigmas_are_eq_5_and_its_limit():
+    ab = make_alphas_cumprod(ScheduleConfig(**BETAS))
+    lo, hi = schedule.model_sigmas(ab)[[0, -1]].tolist()
+    k = schedule.karras_sigmas(lo, hi, 10)
+    assert (k[0], k[-1]) == pytest.approx((hi, lo), rel=1e-12) and sorted(k, reverse=True) == k
+    roots = [s ** (1 / 7) for s in k]  # Eq. 5: sigma^(1/rho) is linear in i
+    assert max(abs(b - a - (roots[1] - roots[0])) for a, b in zip(roots, roots[1:], strict=False)) < 1e-12
+    e = schedule.exponential_sigmas(lo, hi, 10)
+    assert max(abs(math.log(b / a) - math.log(e[1] / e[0])) for a, b in zip(e, e[1:], strict=False)) < 1e-12
+    big = schedule.karras_sigmas(lo, hi, 10, rho=1e6)  # rho -> infinity: the exponential schedule
+    assert big == pytest.approx(e, rel=1e-4)
+
+
+def test_sigma_to_t_inverts_the_model_sigmas():
+    ab = make_alphas_cumprod(ScheduleConfig(**BETAS))
+    train = schedule.model_sigmas(ab)
+    ts = schedule.sigma_to_t(train[[0, 1, 500, 998, 999]].tolist(), ab, diffusers_rounding=False)
+    assert ts == pytest.approx([0, 1, 500, 998, 999], abs=1e-9)
+    mid = (train[500] * train[501]) ** 0.5  # the geometric mean sits half-way in log sigma
+    assert schedule.sigma_to_t([mid.item()], ab, diffusers_rounding=False) == pytest.approx([500.5], abs=1e-6)
+    assert schedule.sigma_to_t([1e-5, 1e3], ab) == [0.0, 999.0]  # clamped to [0, T - 1]
+    # diffusers' float32 logs put sigma_max a hair below t = 999: what its int64 cast truncates to 998
+    assert 998.99 < schedule.sigma_to_t([train[-1].item()], ab)[0] < 999
+
+
+def test_sigma_space_samplers_default_to_linspace_and_the_weights_offset():
+    m = FakeLDM(ScheduleConfig(**BETAS, timestep_spacing="trailing", steps_offset=1))
+    x_T, *_ = inputs()
+    for name in samplers.SIGMA_SPACE:
+        assert samplers.conventions(m.schedule, name)["timestep_spacing"] == "linspace"
+        m.calls.clear()
+        samplers.SAMPLERS[name](m, x_T, 5, progress=False, **({"noise": torch.zeros(5, *x_T.shape)}
+                                if "noise" in samplers.SAMPLER_OPTIONS[name] else {}))  # fmt: skip
+        assert m.calls[0][1] == 999.0  # linspace starts at T - 1 (trailing too, but then the DDIM family ...)
+    assert samplers.conventions(m.schedule, "ddim") == dict(steps_offset=1, set_alpha_to_one=True,
+                                                            timestep_spacing="trailing")  # fmt: skip
+    assert samplers.conventions(m.schedule, "lms") == dict(steps_offset=1, timestep_spacing="linspace")
+
+
+def test_heun_and_dpm_2_make_two_calls_per_step_but_the_last():
+    m = FakeLDM()
+    x_T, cond, _ = inputs()
+    for name, calls in [("heun", 9), ("dpm_2", 9), ("euler", 5), ("dpmpp_2m", 5), ("unipc", 5)]:
+        m.calls.clear()
+        samplers.SAMPLERS[name](m, x_T, 5, cond=cond, progress=False)
+        assert len(m.calls) == calls, name
+
+
+def test_dpmpp_2m_first_order_is_ddim():
+    # One DPM-Solver++ step without history is DDIM's Eq. 12 (eta = 0): the same numbers in float32.
+    ab = make_alphas_cumprod(ScheduleConfig(**BETAS))
+    z, eps = torch.randn(2, 2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    sig = schedule.model_sigmas(ab)[[700, 500]]
+    ours, x0 = ksamplers.dpmpp_2m_step(z, eps, torch.cat([sig, sig.new_zeros(1)]), 0)
+    ddim, ddim_x0 = samplers.ddim_step(z, eps, ab[700], ab[500])
+    torch.testing.assert_close(ours, ddim, rtol=0, atol=1e-5)
+    torch.testing.assert_close(x0, ddim_x0, rtol=0, atol=1e-5)
 
 
 # --- one contract for every sampler ---------------------------------------------------------------
 def run_each(name, m, x_T, **kw):
-    """samplers.SAMPLERS[name] with a callback; DDPM and DDIM (with eta = 1) with a seeded generator."""
-    if name in ("ddim", "ddpm"):
+    """samplers.SAMPLERS[name] with a callback; the stochastic ones (DDIM: eta 1) with a seeded generator."""
+    if "generator" in samplers.SAMPLER_OPTIONS[name]:
         kw = {**kw, "generator": torch.Generator().manual_seed(0), **({"eta": 1.0} if name == "ddim" else {})}
     return run(samplers.SAMPLERS[name], m, x_T, **kw)
 
 
-@pytest.mark.parametrize("name", ["ddim", "plms", "lms", "ddpm"])
+@pytest.mark.parametrize("name", list(samplers.SAMPLERS))
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 def test_callback_reports_z_t_from_unit_noise_to_the_returned_z_0(name, spacing):
     m = FakeLDM()
@@ -383,7 +580,8 @@ def test_callback_reports_z_t_from_unit_noise_to_the_returned_z_0(name, spacing)
 class PointMass(FakeLDM):
     """The exact eps when all data is one latent c: eps = (z_t - sqrt(ab_t) c) / sqrt(1 - ab_t). On it each
     deterministic sampler is exact: x0 = c at every step, z_t = sqrt(ab_t) c + sqrt(1 - ab_t) e (e fixed by
-    x_T), whatever its update rule, so all of them report the same numbers where they visit the same t."""
+    x_T), whatever its update rule, so all of them report the same numbers where they visit the same t.
+    Fractional t (DPM-2's midpoints): ab from sigma interpolated in log sigma, the inverse of sigma_to_t."""
 
     def __init__(self):
         super().__init__(kind="unconditional")
@@ -391,25 +589,35 @@ class PointMass(FakeLDM):
 
     @torch.no_grad()
     def predict_noise(self, z, t, cond=None):
-        ab = self.alphas_cumprod[torch.as_tensor(t).long()].reshape(-1, 1, 1, 1)
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1)
+        log_sigma = schedule.model_sigmas(self.alphas_cumprod).double().log()  # (T,)
+        k = t.floor().long().clamp(0, len(log_sigma) - 2)
+        sigma = torch.lerp(log_sigma[k], log_sigma[k + 1], t - k).exp()
+        ab = (1 / (1 + sigma**2)).float().reshape(-1, 1, 1, 1)
         return (z - ab.sqrt() * self.c) / (1 - ab).sqrt()
 
 
-def test_every_sampler_reports_in_the_same_space():
-    # "leading", S = 10, alpha-bar 1 after the last step: DDIM, PLMS and LMS visit the same states 900, 800,
-    # ..., 0, then z_0 (LMS in sigma, from sqrt(sigma_max^2 + 1) x_T: the same start). A sampler reporting
-    # another space (LMS's own state z_t / sqrt(ab_t): std ~5 at t = 800) fails by far more than that.
+@pytest.mark.parametrize("spacing, names", [
+    # "leading", S = 10, alpha-bar 1 after the last step: DDIM and the others visit the same states 900, 800,
+    # ..., 0, then z_0 (the sigma-space samplers from sqrt(sigma_max^2 + 1) x_T: the same start)
+    ("leading", ["plms", "ddpm", "lms", "euler", "euler_ancestral", "heun", "dpm_2"]),
+    # "trailing": DDIM visits 999, 899, ..., 99 as DPM-Solver++ and UniPC, which start from x_T itself
+    ("trailing", ["dpmpp_2m", "dpmpp_2m_sde", "unipc"]),
+])  # fmt: skip
+def test_every_sampler_reports_in_the_same_space(spacing, names):
+    # A sampler reporting another space (the sigma-space samplers' own state z_t / sqrt(ab_t): std ~5 at
+    # t = 800) fails by far more than that.
     m = PointMass()
     x_T = inputs()[0]
-    kw = dict(num_steps=10, timestep_spacing="leading", steps_offset=0)
+    kw = dict(num_steps=10, timestep_spacing=spacing, steps_offset=0)
     ddim_z0, ddim_steps = run(samplers.ddim, m, x_T, set_alpha_to_one=True, **kw)
-    others = {"plms": dict(set_alpha_to_one=True), "lms": {}, "ddpm": {}}
-    for name, extra in others.items():
+    for name in names:
+        extra = dict(set_alpha_to_one=True) if name == "plms" else {}
         z0, steps = run_each(name, m, x_T, **kw, **extra)
         for ours, ddim in zip(steps, ddim_steps, strict=True):
             # 2e-5: float32 rounding of different but equivalent updates (measured: at most 5.4e-6)
             torch.testing.assert_close(ours["x0"], m.c, rtol=0, atol=2e-5)
-            if name != "ddpm":  # DDPM's states are random; its x0 still is c
+            if "noise" not in samplers.SAMPLER_OPTIONS[name]:  # random states; their x0 still is c
                 torch.testing.assert_close(ours["z"], ddim["z"], rtol=0, atol=2e-5)
     torch.testing.assert_close(ddim_z0, m.c, rtol=0, atol=2e-5)
 
@@ -427,9 +635,20 @@ def step_call(name):
         "ddpm_step": (samplers.ddpm_step, [z, eps, ab[500], ab[480], noise, True]),
         "plms_step": (samplers.plms_step, [z, eps, ab[500], ab[480]]),
         "plms_eps": (samplers.plms_eps, [eps, [e1, e2, e3, z]]),
-        "lms_coefficients": (samplers.lms_coefficients, [sigmas.tolist(), 3, 4]),
-        "lms_step": (samplers.lms_step, [z, eps, sigmas, 3, [e1, e2, e3], 4]),
+        "lms_coefficients": (ksamplers.lms_coefficients, [sigmas.tolist(), 3, 4]),
+        "lms_step": (ksamplers.lms_step, [z, eps, sigmas, 3, [e1, e2, e3], 4]),
         "guided_eps": (samplers.guided_eps, [FakeLDM(), z, 500, cond, uncond, 3.0]),
+        "model_input": (ksamplers.model_input, [z, sigmas[1]]),
+        "euler_step": (ksamplers.euler_step, [z, eps, sigmas[1], sigmas[2]]),
+        "ancestral_sigmas": (ksamplers.ancestral_sigmas, [sigmas[1], sigmas[2]]),
+        "euler_ancestral_step": (ksamplers.euler_ancestral_step, [z, eps, sigmas[1], sigmas[2], noise]),
+        "heun_step": (ksamplers.heun_step, [z, eps, sigmas[1], sigmas[2], e1]),
+        "dpm_2_midpoint": (ksamplers.dpm_2_midpoint, [sigmas[1], sigmas[2]]),
+        "dpm_2_step": (ksamplers.dpm_2_step, [z, eps, sigmas[1], sigmas[2], e1]),
+        "vp": (ksamplers.vp, [sigmas[1]]),
+        "dpmpp_2m_step": (ksamplers.dpmpp_2m_step, [z, eps, sigmas, 2, e1, noise]),
+        "unipc_predict": (ksamplers.unipc_predict, [z, [e1, e2], sigmas, 2, 2]),
+        "unipc_correct": (ksamplers.unipc_correct, [z, [e1, e2], e3, sigmas, 3, 2]),
     }[name]
 
 
@@ -444,6 +663,17 @@ def step_call(name):
         "lms_coefficients",
         "lms_step",
         "guided_eps",
+        "model_input",
+        "euler_step",
+        "ancestral_sigmas",
+        "euler_ancestral_step",
+        "heun_step",
+        "dpm_2_midpoint",
+        "dpm_2_step",
+        "vp",
+        "dpmpp_2m_step",
+        "unipc_predict",
+        "unipc_correct",
     ],
 )
 def test_step_functions_do_not_change_their_arguments(name):
@@ -472,7 +702,7 @@ def test_lms_step_returns_its_new_history():
     z, history = torch.randn(2, 4, 8, 8, generator=g), []
     for i in range(4):
         eps = torch.randn(2, 4, 8, 8, generator=g)
-        z, x0, new = samplers.lms_step(z, eps, sigmas, i, history, order=2)
+        z, x0, new = ksamplers.lms_step(z, eps, sigmas, i, history, order=2)
         assert len(new) == min(i + 1, 2) and new[:-1] == tuple(history[-1:])  # oldest first, at most 2
         torch.testing.assert_close(new[-1], eps, rtol=0, atol=1e-5)  # dz/dsigma = (z - x0) / sigma = eps
         history = new
@@ -480,7 +710,9 @@ def test_lms_step_returns_its_new_history():
 
 def test_sampler_options_are_the_loops_parameters():
     common = {"m", "x_T", "num_steps", "cond", "uncond", "guidance_scale", "callback", "progress"}
-    assert set(samplers.SAMPLERS) == set(samplers.SAMPLER_OPTIONS) == {"ddim", "plms", "lms", "ddpm"}
+    names = {"ddim", "plms", "ddpm", "lms", "euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m",
+             "dpmpp_2m_sde", "unipc"}  # fmt: skip
+    assert set(samplers.SAMPLERS) == set(samplers.SAMPLER_OPTIONS) == names
     for name, fn in samplers.SAMPLERS.items():
         assert fn.__name__ == name
         params = list(inspect.signature(fn).parameters)
@@ -490,7 +722,13 @@ def test_sampler_options_are_the_loops_parameters():
 @pytest.mark.parametrize(
     "kw, match",
     [
-        (dict(sampler="euler"), "unknown sampler 'euler'"),
+        (dict(sampler="euler_a"), "unknown sampler 'euler_a'"),
+        (dict(sampler="heun", eta=0.5), "eta=0.5 needs sampler='ddim'"),
+        (dict(sampler="euler", noise=torch.zeros(1)), "'euler' is deterministic.*euler_ancestral"),
+        (dict(sampler="ddim", sigmas="karras"), r"'ddim' has no option\(s\) \['sigmas'\]"),
+        (dict(sampler="euler", sigmas="linear"), "unknown sigmas 'linear'.*'karras', 'exponential'"),
+        (dict(sampler="dpmpp_2m", timestep_spacing="linspace"), "use at most 999 steps"),
+        (dict(sampler="unipc", timestep_spacing="leading", num_steps=999, steps_offset=1), "steps_offset 1"),
         (dict(sampler="plms", eta=0.5), "eta=0.5 needs sampler='ddim'"),
         (dict(sampler="ddim", eta=-0.1), "eta >= 0"),
         (dict(sampler="lms", noise=torch.zeros(1)), "'lms' is deterministic"),
@@ -520,6 +758,10 @@ def test_check_settings_accepts_what_the_loops_take():
             samplers.check_settings(1000, 50, sampler=name, noise=torch.zeros(50, 1))
     samplers.check_settings(1000, 50, sampler="ddim", eta=1.0, set_alpha_to_one=False)
     samplers.check_settings(1000, 50, sampler="lms", order=1)
+    for name in samplers.SIGMA_SPACE:
+        for sigmas in schedule.SIGMA_SCHEDULES:
+            samplers.check_settings(1000, 50, sampler=name, sigmas=sigmas, timestep_spacing="linspace")
+    samplers.check_settings(1000, 1000, sampler="dpmpp_2m", timestep_spacing="trailing")  # S, not S + 1
 
 
 # --- guidance and bad input -----------------------------------------------------------------------
@@ -557,6 +799,15 @@ def test_guidance_is_one_batched_call_uncond_first():
         (samplers.lms, {"cond": torch.zeros(3, 5, 8)}, "batch"),
         (samplers.lms, {"order": 5}, "order"),
         (samplers.ddim, {"eta": -1.0}, "eta"),
+        (samplers.euler, {"sigmas": "Karras"}, "unknown sigmas"),
+        (samplers.heun, {"guidance_scale": 3.0, "cond": torch.zeros(2, 5, 8)}, "uncond"),
+        (samplers.dpmpp_2m, {"num_steps": 1000}, "at most 999"),
+        (
+            samplers.euler_ancestral,
+            {"num_steps": 4, "noise": torch.zeros(3, 2, 4, 8, 8)},
+            "noise must have shape",
+        ),
+        (samplers.unipc, {"timestep_spacing": "uniform"}, "timestep_spacing"),
     ],
 )
 def test_bad_input_is_a_clear_error_before_any_compute(sampler, kw, match):

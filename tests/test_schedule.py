@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 from diffusers.schedulers import scheduling_lms_discrete
 
 from ldm_mini import schedule
@@ -206,3 +212,63 @@ def test_bad_timesteps_are_a_clear_error(args, match):
 def test_offset_is_ignored_by_trailing_and_linspace():  # as diffusers
     for spacing in ("trailing", "linspace"):
         assert schedule.ddim_timesteps(10, 1000, 5, spacing) == schedule.ddim_timesteps(10, 1000, 0, spacing)
+
+
+# --- the sigma-space samplers' discretisations ------------------------------------------------------------
+def _sigma_scheduler(cls, spacing, offset, sigmas):
+    flag = {} if sigmas is None else {f"use_{sigmas}_sigmas": True}
+    return cls(**BETAS, timestep_spacing=spacing, steps_offset=offset, **flag)
+
+
+@pytest.mark.parametrize("sigmas", [None, "karras", "exponential"])
+@pytest.mark.parametrize("spacing, offset", [("linspace", 0), ("leading", 1), ("trailing", 0)])
+def test_k_sigmas_match_diffusers_exactly(spacing, offset, sigmas):
+    """Euler, Heun, LMS (KDPM2 too, before its midpoints) place timesteps and sigmas alike: bit for bit."""
+    ab = schedule.make_alphas_cumprod(ScheduleConfig(**BETAS))
+    classes = (EulerDiscreteScheduler, LMSDiscreteScheduler)
+    refs = [_sigma_scheduler(c, spacing, offset, sigmas) for c in classes]
+    for S in [1, 2, 3, 7, 10, 25, 48, 50, 99, 250, 500]:
+        if S == 1 and sigmas is not None:
+            continue  # diffusers' Karras ramp np.linspace(0, 1, 1) has no end: one sigma, sigma_max
+        ts, sig = schedule.k_sigmas(ab, S, offset, spacing, sigmas)
+        for ref in refs:
+            ref.set_timesteps(S)
+            assert ts == ref.timesteps.tolist(), (type(ref).__name__, S)
+            torch.testing.assert_close(sig, ref.sigmas, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sigmas", [None, "karras", "exponential"])
+@pytest.mark.parametrize("spacing, offset", [("linspace", 0), ("leading", 1), ("trailing", 0)])
+def test_solver_sigmas_match_diffusers_exactly(spacing, offset, sigmas):
+    """DPM-Solver++, UniPC: S of S + 1 points, integer timesteps (Karras rounded, exponential truncated)."""
+    ab = schedule.make_alphas_cumprod(ScheduleConfig(**BETAS))
+    classes = (DPMSolverMultistepScheduler, UniPCMultistepScheduler)
+    refs = [_sigma_scheduler(c, spacing, offset, sigmas) for c in classes]
+    for S in [1, 2, 3, 7, 10, 20, 25, 50, 99, 250, 500]:
+        if S == 1 and sigmas is not None:
+            continue
+        ts, sig = schedule.solver_sigmas(ab, S, offset, spacing, sigmas)
+        for ref in refs:
+            ref.set_timesteps(S)
+            assert ts == ref.timesteps.tolist(), (type(ref).__name__, S)
+            torch.testing.assert_close(sig, ref.sigmas, rtol=0, atol=0)
+    if spacing == "linspace" and sigmas is None:  # the docstring's example
+        assert schedule.solver_sigmas(ab, 10)[0] == [999, 899, 799, 699, 599, 500, 400, 300, 200, 100]
+    if sigmas == "exponential":  # sigma_max sits at t = 998.99999975 (numpy's float32 logs): truncated
+        assert schedule.solver_sigmas(ab, 10, offset, spacing, sigmas)[0][0] == 998
+
+
+def test_sigma_schedules_span_the_model_sigmas():
+    ab = schedule.make_alphas_cumprod(ScheduleConfig(**BETAS))
+    own = schedule.model_sigmas(ab)
+    assert own[0] == pytest.approx(0.0292, abs=1e-4) and own[-1] == pytest.approx(14.61, abs=1e-2)
+    for sigmas in schedule.SIGMA_SCHEDULES:
+        ts, sig = schedule.k_sigmas(ab, 10, sigmas=sigmas)  # linspace: from t = 999 to t = 0
+        assert (sig[0], sig[-2], sig[-1]) == (own[-1], own[0], 0) and ts[0] == 999 and ts[-1] == 0
+        assert (sig.diff() < 0).all()
+    karras, expo = (schedule.k_sigmas(ab, 10, sigmas=s)[1] for s in schedule.SIGMA_SCHEDULES)
+    # rho = 7 lies above the exponential schedule in between: in log sigma its steps are short at high sigma
+    # and long at low sigma (in sigma itself they shrink towards sigma_min, as Karras et al. say)
+    assert (karras[1:-2] > expo[1:-2]).all()
+    with pytest.raises(ValueError, match="unknown sigmas 'linear'"):
+        schedule.k_sigmas(ab, 10, sigmas="linear")
