@@ -44,6 +44,7 @@ from .model import RECOMMENDABLE
 from .tiling import TiledModel
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+MAX_SIDE = 4096  # pixels: the published models make 256, the paper's largest samples 1024 (f = 8: 128 latent)
 PIPELINE_OF = {"txt2img": "ldm_mini.txt2img", "unconditional": "ldm_mini.unconditional",
                "superres": "ldm_mini.superres"}  # fmt: skip
 # diffusers 0.42.1's defaults (LDMTextToImagePipeline, LDMPipeline, LDMSuperResolutionPipeline), used when
@@ -106,6 +107,9 @@ def settings(m, kind: str, *, num_inference_steps=None, guidance_scale=None, eta
                 raise ValueError(f"{name} must be a positive multiple of {f}, got {v!r} (height and width: "
                                  f"multiples of {f}, the autoencoder factor; the model was trained at "
                                  f"{m.default_size})")  # fmt: skip
+            if v > MAX_SIDE:  # refused now: the allocation would fail (or the OOM killer strike) mid-sample
+                raise ValueError(f"{name} {v} is over {MAX_SIDE} pixels: a latent that large does not "
+                                 "fit in memory; super-resolve a smaller image (superres)")  # fmt: skip
     return s
 
 

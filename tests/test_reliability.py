@@ -168,7 +168,8 @@ def test_a_path_typo_is_a_missing_file_not_a_hub_download(tiny, tmp_path, monkey
 def test_a_wrong_size_or_step_count_is_one_line_naming_the_flag(tiny, tmp_path, capsys):
     for extra, message in ((["--height", "0"], "--height must be a positive multiple of 4"),
                            (["--guidance", "inf"], "--guidance must be a finite number"),
-                           (["--eta", "nan"], "--eta must be a finite number")):  # fmt: skip
+                           (["--eta", "nan"], "--eta must be a finite number"),
+                           (["--height", "1000000"], "--height 1000000 is over 4096 pixels")):  # fmt: skip
         assert run(txt2img_argv(tiny, tmp_path / "x.png", *extra)) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert re.search(re.escape(message), err), err
