@@ -3,7 +3,7 @@
 Rombach et al. 2022, arXiv:2112.10752, Sec. 4.3.1 ("we employ the BERT-tokenizer and implement tau_theta
 as a transformer") and the appendix on implementations of tau_theta (an *unmasked* transformer): the prompt
 becomes token embeddings tau_theta(y) (B, 77, 1280), trained from scratch jointly with the UNet, which reads
-them through cross-attention, Sec. 3.3 Eq. 3 (K = W_K tau_theta(y), V = W_V tau_theta(y)).
+them through cross-attention, Sec. 3.3 (K = W_K tau_theta(y), V = W_V tau_theta(y)), trained with Eq. 3.
 The transformer is a plain pre-norm encoder (Vaswani et al. 2017, arXiv:1706.03762, scaled dot-product
 attention Eq. 1; LayerNorm before each sub-layer, as in GPT-2) with learned absolute position embeddings.
 Despite the name it is not a pre-trained BERT: only BERT's tokenizer is borrowed.

@@ -3,7 +3,8 @@
 Rombach et al. 2022 ("High-Resolution Image Synthesis with Latent Diffusion Models", arXiv:2112.10752)
 train a diffusion model not on pixels x but on the latent z = E(x) of a pretrained autoencoder
 (Sec. 3.1), and condition it through the UNet's input (concatenation) or its cross-attention layers
-(Sec. 3.3, Eq. 3). This container holds the three trained networks of one published model:
+(Sec. 3.3; the conditional loss Eq. 3). This container holds the three trained networks of one published
+model:
 
     autoencoder   E and D: image (B, 3, H, W) <-> latent (B, c, H/f, W/f), f = 4 (VQ) or 8 (KL)
     unet          eps_theta(z_t, t, y): the noise predicted in latent space (LDM Eq. 2)

@@ -1,8 +1,9 @@
 """The denoising UNet eps_theta(z_t, t, y) of latent diffusion: one class for all three published models.
 
 Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models", arXiv:2112.10752:
-  Eq. 2  the UNet predicts the noise eps in the latent z_t at step t: || eps - eps_theta(z_t, t) ||^2.
-  Eq. 3  cross-attention (Sec. 3.3): softmax(Q K^T / sqrt(d)) V with Q = W_Q phi_i(z_t), K = W_K tau(y),
+  Eq. 2  the UNet predicts the noise eps in the latent z_t at step t: || eps - eps_theta(z_t, t) ||^2;
+  Eq. 3  the same loss with the conditioning, eps_theta(z_t, t, tau(y)).
+  Sec. 3.3 (unnumbered) cross-attention: softmax(Q K^T / sqrt(d)) V with Q = W_Q phi_i(z_t), K = W_K tau(y),
          V = W_V tau(y); phi_i(z_t) are the UNet's flattened features, tau(y) the text encoder's tokens.
 The body is the ADM UNet (Dhariwal & Nichol 2021, arXiv:2105.05233) as in CompVis openaimodel.py: ResBlocks
 with an additive timestep embedding, attention at chosen resolutions, skip connections from the encoder half
@@ -168,7 +169,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         context = x if context is None else context
-        # LDM Eq. 3: Q = W_Q phi(z), K = W_K tau(y), V = W_V tau(y); split the width into heads.
+        # LDM Sec. 3.3: Q = W_Q phi(z), K = W_K tau(y), V = W_V tau(y); split the width into heads.
         q = self.to_q(x)  # (B, N, heads*d)
         k, v = self.to_k(context), self.to_v(context)  # (B, L, heads*d)
         q, k, v = (y.unflatten(-1, (self.heads, -1)).transpose(1, 2) for y in (q, k, v))  # (B, heads, N|L, d)
@@ -222,7 +223,7 @@ class TransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(dim, dim, heads, dim // heads, qkv_bias=False)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, context_dim, heads, dim // heads, qkv_bias=False)  # LDM Eq. 3
+        self.attn2 = Attention(dim, context_dim, heads, dim // heads, qkv_bias=False)  # LDM Sec. 3.3
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
