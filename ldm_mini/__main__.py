@@ -39,7 +39,7 @@ import torch
 
 from . import pipeline, samplers
 from .hub import DownloadError, is_hub_id, load, resolve
-from .loading import DTYPES, build_empty, read_metadata, write_atomically
+from .loading import DTYPES, EMBEDDED, build_empty, read_metadata, recommended_of, write_atomically
 from .verify import DEFAULT_PROMPT
 
 DEFAULT_OUT = "outputs"
@@ -286,14 +286,28 @@ def run_verify(args, parser) -> int:
 
 
 # --- the parser -------------------------------------------------------------------------------------
+def embedded_recommended() -> dict:
+    """The embedded shapes model's recommended settings, read from its header (for --help)."""
+    try:
+        return recommended_of(read_metadata(EMBEDDED["shapes"])) or {}
+    except (KeyError, ValueError):
+        return {}
+
+
 def add_sampling_options(p: argparse.ArgumentParser, command: str) -> None:
     defaults = pipeline.DEFAULTS[KINDS[command]]
+
+    def default(name: str, file_name: str) -> str:  # the real default: the embedded model's, if it has one
+        shapes = embedded_recommended() if command == "txt2img" else {}
+        own = f" ({shapes[file_name]} for the embedded shapes model)" if file_name in shapes else ""
+        return f"(default: the file's recommended setting{own}, else {defaults[name]})"
+
     p.add_argument("--weights", help="converted .safetensors file, embedded name or hub id (default: shapes)")
     p.add_argument("--steps", type=int, help="sampling steps, the pipelines' num_inference_steps "
-                   f"(default: the file's recommended, else {defaults['num_inference_steps']})")  # fmt: skip
+                   + default("num_inference_steps", "steps"))  # fmt: skip
     if command == "txt2img":
-        p.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1: none (default: the "
-                       f"file's recommended, else {defaults['guidance_scale']})")  # fmt: skip
+        p.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1: none "
+                       + default("guidance_scale", "guidance"))  # fmt: skip
     p.add_argument("--eta", type=float, help="DDIM eta: 0 deterministic (default), 1 DDPM-like")
     p.add_argument("--sampler", choices=tuple(samplers.SAMPLERS), help="default: the file's, else ddim")
     p.add_argument("--sigmas", choices=samplers.SIGMA_SCHEDULES, help="the sigma schedule of a sigma-space "

@@ -357,3 +357,13 @@ def test_sampler_and_sigmas_flags_are_recorded_and_give_the_librarys_image(tiny,
 def test_bad_sampler_options_exit_2_before_any_weight_is_read(tiny, argv, message, capsys):
     assert exit_code(["txt2img", "x", "--weights", str(tiny["txt2img"][1]), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_help_shows_the_real_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["txt2img", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "(2.0 for the embedded shapes model), else 1.0" in text
+        and "(20 for the embedded shapes model), else 50" in text
+    )
