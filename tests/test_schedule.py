@@ -220,41 +220,34 @@ def _sigma_scheduler(cls, spacing, offset, sigmas):
     return cls(**BETAS, timestep_spacing=spacing, steps_offset=offset, **flag)
 
 
+# Euler, Heun, LMS (KDPM2 too, before its midpoints) place timesteps and sigmas alike (schedule.k_sigmas);
+# DPM-Solver++ and UniPC take S of S + 1 points, integer timesteps, Karras rounded and exponential truncated
+# (schedule.solver_sigmas). Both: bit for bit.
+GRIDS = {
+    "k_sigmas": ((EulerDiscreteScheduler, LMSDiscreteScheduler), [1, 2, 3, 7, 10, 25, 48, 50, 99, 250, 500]),
+    "solver_sigmas": ((DPMSolverMultistepScheduler, UniPCMultistepScheduler), [1, 2, 3, 7, 10, 20, 25, 50, 99,
+                                                                              250, 500]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("grid", GRIDS)
 @pytest.mark.parametrize("sigmas", [None, "karras", "exponential"])
 @pytest.mark.parametrize("spacing, offset", [("linspace", 0), ("leading", 1), ("trailing", 0)])
-def test_k_sigmas_match_diffusers_exactly(spacing, offset, sigmas):
-    """Euler, Heun, LMS (KDPM2 too, before its midpoints) place timesteps and sigmas alike: bit for bit."""
+def test_sigma_grids_match_diffusers_exactly(grid, spacing, offset, sigmas):
     ab = schedule.make_alphas_cumprod(ScheduleConfig(**BETAS))
-    classes = (EulerDiscreteScheduler, LMSDiscreteScheduler)
+    classes, step_counts = GRIDS[grid]
     refs = [_sigma_scheduler(c, spacing, offset, sigmas) for c in classes]
-    for S in [1, 2, 3, 7, 10, 25, 48, 50, 99, 250, 500]:
+    for S in step_counts:
         if S == 1 and sigmas is not None:
             continue  # diffusers' Karras ramp np.linspace(0, 1, 1) has no end: one sigma, sigma_max
-        ts, sig = schedule.k_sigmas(ab, S, offset, spacing, sigmas)
+        ts, sig = getattr(schedule, grid)(ab, S, offset, spacing, sigmas)
         for ref in refs:
             ref.set_timesteps(S)
             assert ts == ref.timesteps.tolist(), (type(ref).__name__, S)
             torch.testing.assert_close(sig, ref.sigmas, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("sigmas", [None, "karras", "exponential"])
-@pytest.mark.parametrize("spacing, offset", [("linspace", 0), ("leading", 1), ("trailing", 0)])
-def test_solver_sigmas_match_diffusers_exactly(spacing, offset, sigmas):
-    """DPM-Solver++, UniPC: S of S + 1 points, integer timesteps (Karras rounded, exponential truncated)."""
-    ab = schedule.make_alphas_cumprod(ScheduleConfig(**BETAS))
-    classes = (DPMSolverMultistepScheduler, UniPCMultistepScheduler)
-    refs = [_sigma_scheduler(c, spacing, offset, sigmas) for c in classes]
-    for S in [1, 2, 3, 7, 10, 20, 25, 50, 99, 250, 500]:
-        if S == 1 and sigmas is not None:
-            continue
-        ts, sig = schedule.solver_sigmas(ab, S, offset, spacing, sigmas)
-        for ref in refs:
-            ref.set_timesteps(S)
-            assert ts == ref.timesteps.tolist(), (type(ref).__name__, S)
-            torch.testing.assert_close(sig, ref.sigmas, rtol=0, atol=0)
-    if spacing == "linspace" and sigmas is None:  # the docstring's example
+    if grid == "solver_sigmas" and spacing == "linspace" and sigmas is None:  # the docstring's example
         assert schedule.solver_sigmas(ab, 10)[0] == [999, 899, 799, 699, 599, 500, 400, 300, 200, 100]
-    if sigmas == "exponential":  # sigma_max sits at t = 998.99999975 (numpy's float32 logs): truncated
+    if grid == "solver_sigmas" and sigmas == "exponential":  # sigma_max at t = 998.99999975: truncated
         assert schedule.solver_sigmas(ab, 10, offset, spacing, sigmas)[0][0] == 998
 
 
