@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dis
+import importlib
 import inspect
 import math
 import runpy
@@ -895,23 +896,28 @@ _register(Exercise(
 })  # fmt: skip
 
 
-# Euler: samplers.py has no Euler step yet (Euler and DPM-Solver++ are being added on another branch). Until
-# it has one with this exercise's signature, the grader's reference is the function below, written here.
-def _euler_step(z: Tensor, eps: Tensor, sigma, sigma_next) -> tuple[Tensor, Tensor]:
-    """One Euler step of the ODE dz/dsigma = (z - z_0) / sigma = eps, in LMS's variance-exploding state
-    z = z_t / sqrt(alpha-bar_t), z_0 + sigma * eps (Karras et al. 2022, Algorithm 1 without its second-order
-    correction; k-diffusion sample_euler). Returns (z at sigma_next, predicted z_0)."""
-    x0 = z - sigma * eps
-    return z + (sigma_next - sigma) * eps, x0  # = x0 + sigma_next * eps: DDIM with eta = 0 (DDIM Eq. 13)
+# Euler: ldm_mini has no Euler step on this branch yet (Euler and DPM-Solver++ are being added on another one,
+# as ksamplers.euler_step). Until the library has one with this signature, the grader's reference is this one.
+def _euler_step(x: Tensor, eps: Tensor, sigma, sigma_next) -> tuple[Tensor, Tensor]:
+    """One Euler step of the ODE dx/dsigma = (x - x0) / sigma = eps, in the variance-exploding state
+    x = z_t / sqrt(alpha-bar_t) = z_0 + sigma * eps (Karras et al. 2022, Algorithm 1 without its second-order
+    correction; k-diffusion sample_euler). Returns (x at sigma_next, the predicted z_0)."""
+    x0 = x - sigma * eps
+    return x + (sigma_next - sigma) * eps, x0  # = x0 + sigma_next * eps: DDIM with eta = 0 (DDIM Eq. 13)
 
 
-_LIBRARY_EULER = getattr(samplers, "euler_step", None)
-if _LIBRARY_EULER is not None and list(inspect.signature(_LIBRARY_EULER).parameters)[:4] == [
-    "z", "eps", "sigma", "sigma_next"
-]:  # fmt: skip
-    _euler_reference, _euler_name = _LIBRARY_EULER, "samplers.euler_step"
-else:
-    _euler_reference, _euler_name = _euler_step, "the Euler step (ldm_mini.exercises' reference)"
+def _library_euler() -> tuple[Callable, str]:
+    """(the library's Euler step, its name), or this module's reference while the library has none."""
+    for module in ("ksamplers", "samplers"):
+        if not Path(__file__).with_name(f"{module}.py").exists():  # not in this copy of the package
+            continue
+        fn = getattr(importlib.import_module(f"{__package__}.{module}"), "euler_step", None)
+        if fn is not None and list(inspect.signature(fn).parameters) == ["x", "eps", "sigma", "sigma_next"]:
+            return fn, f"{module}.euler_step"
+    return _euler_step, "the Euler step (ldm_mini.exercises' reference)"
+
+
+_euler_reference, _euler_name = _library_euler()
 
 
 def _euler_cases():
@@ -926,21 +932,21 @@ def _euler_cases():
             case("sigmas as Python floats", z, eps, 2.0, 1.25)]  # fmt: skip
 
 
-def _euler_bugs(z, eps, sigma, sigma_next, *, bug):
-    x0 = z - eps if bug == "x0" else z - sigma * eps
-    d = eps / sigma if bug == "derivative" else eps  # dz/dsigma = (z - x0) / sigma = eps
+def _euler_bugs(x, eps, sigma, sigma_next, *, bug):
+    x0 = x - eps if bug == "x0" else x - sigma * eps
+    d = eps / sigma if bug == "derivative" else eps  # dx/dsigma = (x - x0) / sigma = eps
     step = sigma - sigma_next if bug == "sign" else sigma_next - sigma
-    return z + step * d, x0
+    return x + step * d, x0
 
 
 _register(Exercise(
-    "euler_step", "05_sampling", _euler_name, "euler_step(z, eps, sigma, sigma_next)",
-    "the Euler step on dz/dsigma = eps (Karras et al. 2022, Algorithm 1 without its correction)",
-    _euler_reference, _euler_cases, returns=("z_next", "x0")), _euler_bugs, {
-    "sign": "sigma decreases, and dz/dsigma = eps: z_next = z + (sigma_next - sigma) * eps.",
-    "derivative": "the derivative dz/dsigma = (z - z0_hat) / sigma is eps itself: do not divide by sigma "
+    "euler_step", "05_sampling", _euler_name, "euler_step(x, eps, sigma, sigma_next)",
+    "the Euler step on dx/dsigma = eps (Karras et al. 2022, Algorithm 1 without its correction)",
+    _euler_reference, _euler_cases, returns=("x_next", "x0")), _euler_bugs, {
+    "sign": "sigma decreases, and dx/dsigma = eps: x_next = x + (sigma_next - sigma) * eps.",
+    "derivative": "the derivative dx/dsigma = (x - z0_hat) / sigma is eps itself: do not divide by sigma "
                   "again.",
-    "x0": "in this variance-exploding state z = z_0 + sigma * eps, so the predicted z_0 is z - sigma * eps.",
+    "x0": "in this variance-exploding state x = z_0 + sigma * eps, so the predicted z_0 is x - sigma * eps.",
 })  # fmt: skip
 
 

@@ -133,8 +133,8 @@ def plms_eps(eps, old_eps):
     return sum(w * e for w, e in zip(weights[len(history)], history, strict=True))
 
 
-def euler_step(z, eps, sigma, sigma_next):
-    x0 = z - sigma * eps
+def euler_step(x, eps, sigma, sigma_next):
+    x0 = x - sigma * eps
     return x0 + sigma_next * eps, x0
 
 

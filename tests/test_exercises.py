@@ -181,13 +181,13 @@ def test_forgetting_return_changing_an_argument_and_unknown_names():
     def ddim_sigma(a_t, a_prev, eta):
         eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
 
-    def euler_step(z, eps, sigma, sigma_next):
-        x0 = z - sigma * eps
-        z += (sigma_next - sigma) * eps
-        return z, x0
+    def euler_step(x, eps, sigma, sigma_next):
+        x0 = x - sigma * eps
+        x += (sigma_next - sigma) * eps
+        return x, x0
 
     assert exercises.grade("ddim_sigma", ddim_sigma)[1].endswith("did you forget `return`?")
-    assert "changed its argument `z` in place" in exercises.grade("euler_step", euler_step)[1]
+    assert "changed its argument `x` in place" in exercises.grade("euler_step", euler_step)[1]
     ok, verdict = exercises.grade("dim_step", exercise_solutions.ddim_step)
     assert not ok and verdict.startswith(
         "There is no exercise 'dim_step'; the exercises are: scaled_linear_betas"
