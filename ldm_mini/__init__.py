@@ -12,7 +12,8 @@ Two layers, and every import points down (tests/test_layering.py):
            (the LatentDiffusion container), loading (the weight file), pipeline (txt2img, unconditional,
            superres), tiling (large images in bounded memory)
   tooling  hub (embedded names, files and hub ids -> a model), __main__ (the command line), verify (against
-           diffusers), viz (notebook figures), shapes (the procedural world), train (the embedded model)
+           diffusers), viz (notebook figures), shapes (the procedural world), train (the embedded model),
+           exercises (the course kit's graders)
 
 The converters (weights_tools/) sit between the two: they import the core, and the hub imports them.
 """

@@ -124,6 +124,19 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def train_step(
+    model: nn.Module, opt: torch.optim.Optimizer, loss: Tensor, max_grad_norm: float | None = None
+) -> float:
+    """One optimisation step on `loss` (computed by `model`): clear the old gradients, backpropagate, clip the
+    gradient norm (when max_grad_norm is set), update. Returns the loss as a float, for the log."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    opt.step()
+    return loss.item()
+
+
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, step: int, decay: float) -> None:
     """ema <- d * ema + (1 - d) * model, with d warmed up as (1 + step) / (10 + step) (as CompVis LitEma)."""
@@ -226,9 +239,7 @@ def train_autoencoder(args) -> Path:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         loss, _, parts = autoencoder_loss(ae, images, gen, args.kl_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(ae, opt, loss)
         step += 1
         elapsed = time.time() - start
         bar.update(1)
@@ -248,26 +259,40 @@ def train_autoencoder(args) -> Path:
 
 
 # --- stage 2: the diffusion model ------------------------------------------------------------------------
-@torch.no_grad()
-def latent_scale(ae: AutoencoderKL, n: int, seed: int) -> float:
-    """LDM's scale_by_std: 1 / std of posterior samples z of n fresh images: scale * z has unit variance."""
-    images, _, _ = shapes.sample_batch(n, np.random.default_rng([seed, 3]))
-    z = ae.encode(images).sample(torch.Generator().manual_seed(seed))
+def scale_factor(z: Tensor) -> float:
+    """LDM's scale_by_std: 1 / std of all the values of the latents z: scale_factor * z has unit variance."""
     return 1.0 / z.flatten().std().item()
 
 
+@torch.no_grad()
+def latent_scale(ae: AutoencoderKL, n: int, seed: int) -> float:
+    """The scale factor of posterior samples z of n fresh images."""
+    images, _, _ = shapes.sample_batch(n, np.random.default_rng([seed, 3]))
+    return scale_factor(ae.encode(images).sample(torch.Generator().manual_seed(seed)))
+
+
+def eps_loss(m: LatentDiffusion, z0: Tensor, t: Tensor, noise: Tensor, context: Tensor | None,
+             snr_gamma: float | None = 5.0) -> Tensor:  # fmt: skip
+    """The eps-prediction loss of latents z0 (B, c, h, w) at timesteps t (B,) with noise eps: the mean of
+    ||eps - eps_theta(z_t, t, context)||^2 (LDM Eq. 2-3, DDPM Eq. 14), each sample's weighted by
+    min(SNR_t, snr_gamma) / SNR_t (min-SNR for eps-prediction; snr_gamma=None: unweighted)."""
+    z_t = q_sample(z0, t, noise, m.alphas_cumprod)  # DDPM Eq. 4
+    eps = m.predict_noise(z_t, t, context)  # (B, c, h, w)
+    per_sample = F.mse_loss(eps, noise, reduction="none").mean(dim=[1, 2, 3])  # (B,)
+    if snr_gamma is None:
+        return per_sample.mean()
+    s = snr(m.alphas_cumprod)[t]  # (B,)
+    return (s.clamp(max=snr_gamma) / s * per_sample).mean()
+
+
 def diffusion_loss(m: LatentDiffusion, images: Tensor, captions: list[str], gen: torch.Generator):
-    """min-SNR-weighted eps-prediction loss (LDM Eq. 2) on one batch; the autoencoder is frozen."""
+    """min-SNR-5-weighted eps-prediction loss on one batch of images; the autoencoder is frozen."""
     with torch.no_grad():
         z0 = m.autoencoder.encode(images).sample(gen) * m.scale_factor  # (B, 4, 16, 16), ~unit variance
     t = torch.randint(0, m.alphas_cumprod.shape[0], (len(images),), generator=gen)  # (B,) uniform
     noise = torch.randn(z0.shape, generator=gen)
-    z_t = q_sample(z0, t, noise, m.alphas_cumprod)  # DDPM Eq. 4
     context = m.encode_text(m.tokenize(captions))  # (B, 77, 128), gradients flow into LDMBert
-    eps = m.predict_noise(z_t, t, context)  # (B, 4, 16, 16)
-    s = snr(m.alphas_cumprod)[t]  # (B,)
-    weight = s.clamp(max=5.0) / s  # minSNR-5 for eps-prediction
-    return (weight * F.mse_loss(eps, noise, reduction="none").mean(dim=[1, 2, 3])).mean()
+    return eps_loss(m, z0, t, noise, context, snr_gamma=5.0)
 
 
 def build_model(ae: AutoencoderKL, tokenizer: Tokenizer, scale_factor: float) -> LatentDiffusion:
@@ -331,10 +356,7 @@ def train_diffusion(args) -> Path:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         loss = diffusion_loss(m, images, captions, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
-        opt.step()
+        train_step(trained, opt, loss, max_grad_norm=1.0)
         ema_update(ema, trained, step, args.ema_decay)
         step += 1
         elapsed = time.time() - start
@@ -371,7 +393,21 @@ def export(out: str | os.PathLike, path: str | os.PathLike, dtype: str = "float3
 
 
 # --- command line ----------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> None:
+def arguments(stage: str, out: str | os.PathLike, **overrides) -> argparse.Namespace:
+    """The command line's settings of a stage, its defaults with `overrides` (Python names: grid_every=100),
+    for calling train_autoencoder / train_diffusion from a script or a notebook:
+    train_autoencoder(arguments("autoencoder", "runs/mine", steps=300))."""
+    if stage not in ("autoencoder", "diffusion"):
+        raise ValueError(f"stage must be 'autoencoder' or 'diffusion', got {stage!r}")
+    args = parser().parse_args([stage, "--out", str(out)])
+    if unknown := sorted(set(overrides) - set(vars(args)) - {"stage"}):
+        raise ValueError(f"stage {stage!r} has no setting(s) {unknown}; its settings: {sorted(vars(args))}")
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m ldm_mini.train", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="stage", required=True)
     for stage, steps, batch, lr in (("autoencoder", 1800, 16, 2e-3), ("diffusion", 14000, 32, 7e-4)):
@@ -400,7 +436,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("path", help="the .safetensors file to write")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     if args.stage == "export":
         print(f"wrote {export(args.run, args.path, args.dtype, args.force)}")
         return

@@ -1,20 +1,30 @@
-"""The teaching notebooks: committed without outputs, and executed top to bottom without an error.
+"""The teaching notebooks and the course's exercise notebooks: committed without outputs, and executed top to
+bottom without an error.
 
-Each notebook runs in a fresh `python3` kernel (the venv's ipykernel) with notebooks/ as its working
-directory, on the embedded shapes model and the tiny random stand-ins, on the CPU. A failing cell, and so
-every toy-vs-library assertion inside the notebooks (hand-written DDIM == samplers.ddim, ...), fails the
-test with the cell's traceback. The seven together take about 1 minute on 2 CPU cores (notebooks/README.md
-lists each one's time); they are the slowest tests of the suite by design: they run the whole library.
+Each notebook runs in a fresh `python3` kernel (the venv's ipykernel) with its folder as working directory,
+on the embedded shapes model and the tiny random stand-ins, on the CPU. A failing cell, and so every
+toy-vs-library assertion inside the notebooks (hand-written DDIM == samplers.ddim, ...), fails the test with
+the cell's traceback. Notebook 09 trains a model: here with a few steps of each stage (LDM_MINI_TRAIN_STEPS).
+Each exercise notebook runs twice in one kernel: as committed, where every check says "not implemented yet",
+then with its blanks filled by the worked solutions of tests/exercise_solutions.py, where every check is
+right. The seven lesson notebooks take about 1 minute on 2 CPU cores (notebooks/README.md lists each one's
+time), 09 and the exercises together well under another; they are the slowest tests of the suite by design.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import os
+import re
 from pathlib import Path
 
+import exercise_solutions
 import nbformat
 import pytest
 from nbclient import NotebookClient
+
+from ldm_mini import exercises
 
 FOLDER = Path(__file__).resolve().parents[1] / "notebooks"
 EXPECTED = [
@@ -25,16 +35,42 @@ EXPECTED = [
     "05_sampling",
     "06_verify_against_diffusers",
     "07_super_resolution_and_unconditional",
+    "09_train_a_tiny_ldm",
 ]
+EXERCISE_LESSONS = ["01_noise_schedule", "02_autoencoder", "03_text_encoder", "04_unet", "05_sampling",
+                    "09_train_a_tiny_ldm"]  # fmt: skip
 CELL_TIMEOUT = 300  # seconds for one cell; the slowest takes ~20 s here
 NOTEBOOKS = [FOLDER / f"{name}.ipynb" for name in EXPECTED]
+EXERCISE_NOTEBOOKS = [FOLDER / "exercises" / f"{name}.ipynb" for name in EXERCISE_LESSONS]
+# LDM_MINI_TRAIN_STEPS for notebook 09 in the tests: steps of the autoencoder, of the diffusion model
+QUICK_TRAINING = "6,6"
 
 
-def test_the_seven_notebooks_and_nothing_else():
+def test_the_notebooks_and_nothing_else():
     assert sorted(p.stem for p in FOLDER.glob("*.ipynb")) == EXPECTED
+    assert sorted(p.stem for p in (FOLDER / "exercises").glob("*.ipynb")) == EXERCISE_LESSONS
+    assert sorted({ex.lesson for ex in exercises.EXERCISES.values()}) == EXERCISE_LESSONS  # one per lesson
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def run(nb, folder: Path, monkeypatch, **env) -> None:
+    """Execute nb in a fresh kernel with `folder` as its working directory (raises on a failing cell)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        # The models are tiny: one thread is as fast, and it does not fight other processes for the cores
+        # (two threads on two busy cores made a UNet call ~10x slower here). A test setting only.
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)  # the kernel inherits the environment
+    client = NotebookClient(
+        nb, timeout=CELL_TIMEOUT, kernel_name="python3", resources={"metadata": {"path": str(folder)}}
+    )
+    client.execute()  # raises CellExecutionError, with the failing cell and its traceback
+
+
+def text(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS + EXERCISE_NOTEBOOKS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_committed_stripped_seeded_and_ending_with_what_to_try(path):
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
@@ -52,16 +88,77 @@ def test_committed_stripped_seeded_and_ending_with_what_to_try(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_runs_top_to_bottom(path, monkeypatch):
-    if "OMP_NUM_THREADS" not in os.environ:
-        # The models are tiny: one thread is as fast, and it does not fight other processes for the cores
-        # (two threads on two busy cores made a UNet call ~10x slower here). A test setting only.
-        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+def test_runs_top_to_bottom(path, monkeypatch, tmp_path):
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(
-        nb, timeout=CELL_TIMEOUT, kernel_name="python3", resources={"metadata": {"path": str(FOLDER)}}
+    # 09 trains with a few steps of each stage, in a run folder under tmp_path (tempfile.mkdtemp)
+    env = (
+        {"LDM_MINI_TRAIN_STEPS": QUICK_TRAINING, "TMPDIR": str(tmp_path)}
+        if path.stem.startswith("09")
+        else {}
     )
-    client.execute()  # raises CellExecutionError, with the failing cell and its traceback
+    run(nb, FOLDER, monkeypatch, **env)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs), f"{path.name} showed no figure"
+
+
+def exercise_cells(nb) -> dict[str, int]:
+    """{exercise name: index of the cell with its blank} (the cells tagged "exercise")."""
+    found = {}
+    for i, cell in enumerate(nb.cells):
+        if "exercise" in cell.metadata.get("tags", []):
+            found[re.match(r"def (\w+)\(", cell.source).group(1)] = i
+    return found
+
+
+@pytest.mark.parametrize("path", EXERCISE_NOTEBOOKS, ids=lambda p: p.stem)
+def test_exercise_notebook_has_a_blank_and_a_check_per_exercise(path):
+    nb = nbformat.read(path, as_version=4)
+    blanks = exercise_cells(nb)
+    assert list(blanks) == [ex.name for ex in exercises.EXERCISES.values() if ex.lesson == path.stem]
+    for name, i in blanks.items():
+        signature = exercises.EXERCISES[name].signature
+        assert nb.cells[i].source.startswith(f"def {signature}:"), (
+            f"{path.name}: {name} has not the signature {signature}"
+        )
+        assert "raise NotImplementedError" in nb.cells[i].source or nb.cells[i].source.rstrip().endswith(
+            "..."
+        )
+        assert nb.cells[i + 1].source == f'exercises.check("{name}", {name});', (
+            f"{path.name}: check {name} after it"
+        )
+        target = exercises.EXERCISES[name].reimplements.split(" ")[0]  # "samplers.ddim_step"
+        assert "." not in target or target.split(".", 1)[1] in nb.cells[i - 1].source, (
+            f"{path.name}: the markdown above {name} names the function it re-implements, {target}"
+        )
+
+
+@pytest.mark.parametrize("path", EXERCISE_NOTEBOOKS, ids=lambda p: p.stem)
+def test_exercise_notebook_unfilled_then_filled(path, monkeypatch):
+    """As committed, every check says "not implemented yet" and nothing crashes; then (the same kernel) the
+    whole notebook again with each blank replaced by its worked solution, and every check is right."""
+    nb = nbformat.read(path, as_version=4)
+    blanks = exercise_cells(nb)
+    filled = copy.deepcopy(nb.cells)
+    for cell in filled:
+        cell.id = f"{cell.id}-filled"  # cell ids stay unique
+    for name, i in blanks.items():
+        filled[i].source = inspect.getsource(getattr(exercise_solutions, name))
+    n = len(nb.cells)
+    nb.cells = nb.cells + filled
+    run(nb, path.parent, monkeypatch)
+    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    for name, i in blanks.items():
+        assert (
+            text(nb.cells[i + 1])
+            == f"{name}: not implemented yet: fill in the blank, then run this check again.\n"
+        )
+        assert text(nb.cells[n + i + 1]).startswith(f"{name}: right. It equals "), text(nb.cells[n + i + 1])
+    payoff = [
+        i for i, c in enumerate(nb.cells[:n]) if c.cell_type == "code" and "exercises.grade(" in c.source
+    ]
+    for i in payoff:  # "your function at work" cells: a hint to fill in first, then a figure or a number
+        assert text(nb.cells[i]).startswith("Fill in "), text(nb.cells[i])
+        assert any("image/png" in o.get("data", {}) for o in nb.cells[n + i].outputs) or "your" in text(
+            nb.cells[n + i]
+        )
