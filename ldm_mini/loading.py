@@ -69,24 +69,31 @@ DIFFUSERS_RENAMES = [
 ]
 
 
-def _rename(state: dict[str, Tensor], table: list[tuple[str, str]]) -> dict[str, Tensor]:
+def rename(state: dict[str, Tensor], table: list[tuple[str, str | None]]) -> dict[str, Tensor]:
+    """Apply (old fragment, new fragment) rows to every key, top to bottom; each row replaces at most once
+    per key, and a fragment with a leading dot also matches at the start of a key. A row whose new fragment
+    is None drops the key. The one key-renaming rule: this table and the converters' (weights_tools)."""
     out = {}
     for key, value in state.items():
-        key = "." + key  # so that a fragment also matches at the start of a key
+        key = "." + key  # so that ".to_out.0." also matches a key that starts with it
         for old, new in table:
-            key = key.replace(old, new, 1)
-        out[key[1:]] = value
+            if old in key:
+                if new is None:
+                    break
+                key = key.replace(old, new, 1)
+        else:
+            out[key[1:]] = value
     return out
 
 
 def from_diffusers_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """A state dict with diffusers' key names (of a UNet, autoencoder or LDMBert) -> ldm_mini's names."""
-    return _rename(state, DIFFUSERS_RENAMES)
+    return rename(state, DIFFUSERS_RENAMES)
 
 
 def to_diffusers_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """ldm_mini's key names -> diffusers' (what diffusers' modules load with strict=True)."""
-    return _rename(state, [(new, old) for old, new in DIFFUSERS_RENAMES])
+    return rename(state, [(new, old) for old, new in DIFFUSERS_RENAMES])
 
 
 # --- configs <-> metadata ---------------------------------------------------------------------------
@@ -283,6 +290,17 @@ def write_file(
     return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), force=force)
 
 
+def _put_new(tmp: Path, path: Path) -> None:
+    """Give the written file `tmp` the name `path` in one step, or FileExistsError if the name is taken."""
+    try:
+        os.link(tmp, path)  # fails if the name exists, whoever created it and whenever
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links on this file system: claim the name exclusively, then replace it
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.replace(tmp, path)
+
+
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], force: bool = False) -> Path:
     """write(tmp) into a temporary file beside `path`, then put it in place in one step.
 
@@ -304,13 +322,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], f
             os.replace(tmp, path)
         else:
             try:
-                try:
-                    os.link(tmp, path)
-                except FileExistsError:
-                    raise
-                except OSError:  # no hard links on this file system: claim the name, then replace it
-                    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-                    os.replace(tmp, path)
+                _put_new(tmp, path)
             except FileExistsError:
                 raise FileExistsError(f"{path} exists: pass --force (force=True) to overwrite it") from None
     finally:

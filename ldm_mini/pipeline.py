@@ -61,12 +61,13 @@ assert set(FILE_NAME.values()) == set(RECOMMENDABLE)
 # --- settings: every check before any compute ----------------------------------------------------------
 def settings(m, kind: str, *, num_inference_steps=None, guidance_scale=None, eta=None, sampler=None,
              height=None, width=None, steps_offset=None, set_alpha_to_one=None, timestep_spacing=None,
-             sigmas=None, output_type="pil") -> dict:  # fmt: skip
+             sigmas=None, noise=None, output_type="pil") -> dict:  # fmt: skip
     """The settings of one pipeline call, each as given, else m.recommended, else DEFAULTS[kind]; checked.
 
     m may be a model on the meta device (the command line checks its arguments before reading any weight):
     only its kind, schedule, sizes and recommended settings are read. Raises a ValueError naming the bad
-    setting and the fix. -> {"num_inference_steps", "eta", "sampler", ["guidance_scale"], ["height",
+    setting and the fix (noise: the per-step noise a call passes; only its presence is checked here). ->
+    {"num_inference_steps", "eta", "sampler", ["guidance_scale"], ["height",
     "width"], "options": the sampler's own options (eta, the conventions and sigmas given)}.
     """
     if m.kind != kind:
@@ -93,7 +94,8 @@ def settings(m, kind: str, *, num_inference_steps=None, guidance_scale=None, eta
     used = samplers.conventions(m.schedule, s["sampler"]) if known else {}  # what the sampler will use
     T, steps = m.schedule.num_train_timesteps, s["num_inference_steps"]
     try:  # the sampler's own checks (one place: samplers.check_settings), with the conventions it will use
-        samplers.check_settings(T, steps, sampler=s["sampler"], eta=s["eta"], **{**used, **given})
+        samplers.check_settings(T, steps, sampler=s["sampler"], eta=s["eta"], noise=noise,
+                                **{**used, **given})  # fmt: skip
     except ValueError as e:
         raise ValueError(str(e).replace("num_steps", "num_inference_steps")) from None
     s["options"] = {"eta": s["eta"], **given} if s["sampler"] == "ddim" else given
@@ -117,13 +119,6 @@ def _check_tensor(name, x, shape) -> None:
     if x is not None and (not isinstance(x, Tensor) or tuple(x.shape) != tuple(shape)):
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"{name} must be a tensor of shape {tuple(shape)}, got {got}")
-
-
-def _check_noise(m, s, noise, shape) -> None:
-    """The per-step noise: (steps, *shape), and only for a sampler that takes it."""
-    _check_tensor("noise", noise, (s["num_inference_steps"], *shape))
-    T = m.schedule.num_train_timesteps
-    samplers.check_settings(T, s["num_inference_steps"], sampler=s["sampler"], noise=noise)
 
 
 def _check_generator(generator, batch: int) -> None:
@@ -226,7 +221,7 @@ def txt2img(m, prompt: str | list[str], *, num_inference_steps=None, guidance_sc
     s = settings(m, "txt2img", num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                  eta=eta, sampler=sampler, height=height, width=width, steps_offset=steps_offset,
                  set_alpha_to_one=set_alpha_to_one, timestep_spacing=timestep_spacing, sigmas=sigmas,
-                 output_type=output_type)  # fmt: skip
+                 noise=noise, output_type=output_type)  # fmt: skip
     if m.tokenizer is None:
         raise ValueError("this model has no tokenizer: build the context with m.encode_text(ids) and call "
                          "samplers.ddim(m, x_T, cond=context) directly")  # fmt: skip
@@ -236,7 +231,7 @@ def txt2img(m, prompt: str | list[str], *, num_inference_steps=None, guidance_sc
     f = m.downsample_factor
     shape = (len(prompts), m.latent_channels, s["height"] // f, s["width"] // f)  # diffusers: height // 8
     _check_tensor("latents", latents, shape)
-    _check_noise(m, s, noise, shape)
+    _check_tensor("noise", noise, (s["num_inference_steps"], *shape))
     _check_generator(generator, len(prompts))
 
     cond = m.encode_text(m.tokenize(list(prompts)))  # (B, 77, D)
@@ -261,11 +256,12 @@ def unconditional(m, batch_size: int = 1, *, num_inference_steps=None, eta=None,
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     s = settings(m, "unconditional", num_inference_steps=num_inference_steps, eta=eta, sampler=sampler,
                  height=height, width=width, steps_offset=steps_offset, set_alpha_to_one=set_alpha_to_one,
-                 timestep_spacing=timestep_spacing, sigmas=sigmas, output_type=output_type)  # fmt: skip
+                 timestep_spacing=timestep_spacing, sigmas=sigmas, noise=noise,
+                 output_type=output_type)  # fmt: skip
     f = m.downsample_factor
     shape = (batch_size, m.latent_channels, s["height"] // f, s["width"] // f)
     _check_tensor("latents", latents, shape)
-    _check_noise(m, s, noise, shape)
+    _check_tensor("noise", noise, (s["num_inference_steps"], *shape))
     _check_generator(generator, batch_size)
 
     x_T = _initial_noise(m, shape, generator, latents)
@@ -309,13 +305,14 @@ def superres(m, image, *, num_inference_steps=None, eta=None, sampler=None, gene
     m.recommended, else diffusers' defaults (100 DDIM steps, eta 0). Others as txt2img."""
     s = settings(m, "superres", num_inference_steps=num_inference_steps, eta=eta, sampler=sampler,
                  steps_offset=steps_offset, set_alpha_to_one=set_alpha_to_one,
-                 timestep_spacing=timestep_spacing, sigmas=sigmas, output_type=output_type)  # fmt: skip
+                 timestep_spacing=timestep_spacing, sigmas=sigmas, noise=noise,
+                 output_type=output_type)  # fmt: skip
     if decode_tile is not None or unet_tile is not None:
         m = TiledModel(m, decode_tile=decode_tile, unet_tile=unet_tile)
     low = low_res_image(image)
     shape = (low.shape[0], m.latent_channels, *low.shape[-2:])
     _check_tensor("latents", latents, shape)
-    _check_noise(m, s, noise, shape)
+    _check_tensor("noise", noise, (s["num_inference_steps"], *shape))
     _check_generator(generator, low.shape[0])
 
     x_T = _initial_noise(m, shape, generator, latents)

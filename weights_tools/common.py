@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from torch import Tensor
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 # Training bookkeeping of Lightning checkpoints: classes from these packages become Inert placeholders.
@@ -122,18 +121,3 @@ def read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConversionError(f"{path}: not valid JSON ({e})") from e
-
-
-def rename(state: dict[str, Tensor], table: list[tuple[str, str]]) -> dict[str, Tensor]:
-    """Apply (old fragment, new fragment) rows to every key, top to bottom; each row replaces at most
-    once per key. A row whose new fragment is None drops the key."""
-    out = {}
-    for key, value in state.items():
-        for old, new in table:
-            if old in key:
-                if new is None:
-                    break
-                key = key.replace(old, new, 1)
-        else:
-            out[key] = value
-    return out

@@ -23,12 +23,12 @@ from pathlib import Path
 
 from ldm_mini.autoencoder import AutoencoderConfig
 from ldm_mini.bert import LDMBertConfig
-from ldm_mini.loading import config_from_values, from_diffusers_names, make_metadata
+from ldm_mini.loading import config_from_values, from_diffusers_names, make_metadata, rename
 from ldm_mini.schedule import ScheduleConfig
 from ldm_mini.tokenizer import Tokenizer
 from ldm_mini.unet import UNetConfig
 
-from .common import ConversionError, read_json, read_tensors, rename
+from .common import ConversionError, read_json, read_tensors
 
 PIPELINES = {
     "LDMTextToImagePipeline": "txt2img",
