@@ -3,16 +3,20 @@
 The file format (written by weights_tools from diffusers folders or CompVis .ckpt files, and by
 train.py for the embedded model):
 
-    tensors   "unet.*", "autoencoder.*", "text_encoder.*": ldm_mini's own key names (= its module names),
+    tensors   "unet.*", "autoencoder.*" and the conditioning encoder's "text_encoder.*", "class_embedder.*" or
+              "segmentation_encoder.*": ldm_mini's own key names (= its module names),
               which are the modern diffusers names but for the fragments of DIFFUSERS_RENAMES below
               (weights_tools translates every other layout through tables)
     metadata  (safetensors allows str -> str only, so configs are JSON)
         format               "ldm_mini/2" ("ldm_mini/1" files, from before the renames, hold diffusers'
                              names unchanged: load_file renames their keys through the same table)
-        kind                 "txt2img" | "unconditional" | "superres"
+        kind                 one of model.KINDS: "txt2img" | "unconditional" | "superres" | "class" |
+                             "inpaint" | "semantic" | "layout"
         unet_config          UNetConfig as JSON
         autoencoder_config   AutoencoderConfig as JSON
-        text_encoder_config  LDMBertConfig as JSON (txt2img only)
+        text_encoder_config  LDMBertConfig as JSON (txt2img and layout only)
+        class_embedder_config, segmentation_encoder_config, layout_config
+                             conditioning.py's configs as JSON (class, semantic, layout only)
         schedule             ScheduleConfig as JSON: training betas + the source's DDIM convention
         scale_factor         the latent scale factor, e.g. "0.18215"
         tokenizer_vocab      the WordPiece vocab.txt (txt2img with a tokenizer)
@@ -46,6 +50,14 @@ from torch import Tensor, nn
 from . import fast as fast_layers
 from .autoencoder import AutoencoderConfig, build_autoencoder
 from .bert import LDMBert, LDMBertConfig
+from .conditioning import (
+    ClassEmbedder,
+    ClassEmbedderConfig,
+    LayoutConfig,
+    LayoutTokenizer,
+    SpatialRescaler,
+    SpatialRescalerConfig,
+)
 from .model import LatentDiffusion
 from .schedule import ScheduleConfig
 from .tokenizer import Tokenizer
@@ -158,6 +170,9 @@ def make_metadata(
     vocab: str | None = None,
     source: str = "",
     recommended: dict | None = None,
+    class_embedder: ClassEmbedderConfig | None = None,
+    segmentation_encoder: SpatialRescalerConfig | None = None,
+    layout: LayoutConfig | None = None,
 ) -> dict[str, str]:
     meta = {
         "format": FORMAT,
@@ -172,6 +187,11 @@ def make_metadata(
         meta["text_encoder_config"] = config_to_json(text_encoder)
     if vocab is not None:
         meta["tokenizer_vocab"] = vocab
+    encoders = (("class_embedder_config", class_embedder),
+                ("segmentation_encoder_config", segmentation_encoder), ("layout_config", layout))  # fmt: skip
+    for field, config in encoders:
+        if config is not None:
+            meta[field] = config_to_json(config)
     if recommended:
         meta["recommended"] = json.dumps(recommended, sort_keys=True)
     return meta
@@ -199,10 +219,18 @@ def build_empty(meta: dict[str, str]) -> LatentDiffusion:
         schedule=config_from_json(ScheduleConfig, meta["schedule"], "schedule"),
     )
     vocab = meta.get("tokenizer_vocab")
+    # the conditioning encoders other than the text encoder (conditioning.py), each present for its kind only
+    optional = {field: config_from_json(cls, meta[field], field) if meta.get(field) else None
+                for field, cls in (("class_embedder_config", ClassEmbedderConfig),
+                                   ("segmentation_encoder_config", SpatialRescalerConfig),
+                                   ("layout_config", LayoutConfig))}  # fmt: skip
+    class_cfg, seg_cfg, layout_cfg = optional.values()
     with torch.device("meta"):
         unet = UNet(configs["unet"])
         autoencoder = build_autoencoder(configs["autoencoder"])
         text_encoder = LDMBert(configs["text"]) if text_cfg else None
+        class_embedder = ClassEmbedder(class_cfg) if class_cfg else None
+        segmentation_encoder = SpatialRescaler(seg_cfg) if seg_cfg else None
     return LatentDiffusion(
         kind=meta["kind"],
         unet=unet,
@@ -212,6 +240,9 @@ def build_empty(meta: dict[str, str]) -> LatentDiffusion:
         text_encoder=text_encoder,
         tokenizer=Tokenizer.from_vocab(vocab) if vocab else None,
         recommended=recommended_of(meta),
+        class_embedder=class_embedder,
+        segmentation_encoder=segmentation_encoder,
+        layout_tokenizer=LayoutTokenizer(layout_cfg) if layout_cfg else None,
     )
 
 
@@ -238,6 +269,11 @@ def metadata_of(model: LatentDiffusion, source: str = "", recommended: dict | No
         vocab=model.tokenizer.vocab_text if model.tokenizer is not None else None,
         source=source,
         recommended=model.recommended if recommended is None else recommended,
+        class_embedder=model.class_embedder.config if model.class_embedder is not None else None,
+        segmentation_encoder=(
+            model.segmentation_encoder.config if model.segmentation_encoder is not None else None
+        ),
+        layout=model.layout_tokenizer.config if model.layout_tokenizer is not None else None,
     )
 
 

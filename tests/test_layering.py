@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = ["autoencoder", "unet", "bert", "fast", "tokenizer", "schedule", "samplers", "ksamplers", "model",
-        "loading", "pipeline", "tiling"]  # fmt: skip
+CORE = ["autoencoder", "unet", "bert", "conditioning", "fast", "tokenizer", "schedule", "samplers",
+        "ksamplers", "model", "loading", "pipeline", "tiling"]  # fmt: skip
 TOOLING = ["hub", "__main__", "verify", "viz", "shapes", "train", "exercises"]
 OUTSIDE = ["weights_tools", "huggingface_hub", "diffusers", "transformers", "matplotlib", "yaml"]
 
