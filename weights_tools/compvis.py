@@ -24,11 +24,13 @@ import hashlib
 from pathlib import Path
 from typing import NamedTuple
 
+import torch
 import yaml
 from torch import Tensor
 
 from ldm_mini.autoencoder import AutoencoderConfig
 from ldm_mini.bert import LDMBertConfig
+from ldm_mini.conditioning import ClassEmbedderConfig, LayoutConfig, SpatialRescalerConfig
 from ldm_mini.loading import build_empty, config_from_values, make_metadata
 from ldm_mini.schedule import ScheduleConfig, make_alphas_cumprod
 from ldm_mini.unet import UNetConfig
@@ -457,21 +459,63 @@ def schedule_config(p: dict, where: str) -> ScheduleConfig:
         raise ConversionError(str(e)) from e
 
 
+CLASS_EMBEDDER = "ldm.modules.encoders.modules.ClassEmbedder"
+SPATIAL_RESCALER = "ldm.modules.encoders.modules.SpatialRescaler"
+
+
 def conditioning(p: dict, where: str) -> tuple[str, dict | None]:
-    """LatentDiffusion.__init__'s rule -> (ldm_mini kind, the text encoder's yaml or None)."""
+    """LatentDiffusion.__init__'s rule -> (ldm_mini kind, the cond stage's yaml or None)."""
     cond = p.get("cond_stage_config")
     if cond == "__is_unconditional__":
         return "unconditional", None
     key = p.get("conditioning_key") or ("concat" if p.get("concat_mode", True) else "crossattn")
     target = cond.get("target") if isinstance(cond, dict) else cond
     if key == "crossattn" and target in BERT_TARGETS:
-        return "txt2img", cond
+        # the same transformer reads prompt tokens (txt2img) or layout tokens (layout2img-openimages256)
+        return ("layout" if p.get("cond_stage_key") == "coordinates_bbox" else "txt2img"), cond
+    if key == "crossattn" and target == CLASS_EMBEDDER:
+        return "class", cond
+    if key == "concat" and target == SPATIAL_RESCALER:
+        return "semantic", cond
+    if key == "concat" and target == "__is_first_stage__":
+        return "inpaint", None  # the cond stage is the first stage itself: no weights of its own
     if key == "concat" and target == "torch.nn.Identity":
         return "superres", None  # the cond stage passes the low-res image through
     raise ConversionError(
         f"{where}: conditioning_key {key!r} with cond_stage_config {target!r} is not supported: ldm_mini "
-        "converts crossattn + BERTEmbedder (txt2img), concat + torch.nn.Identity (superres), unconditional"
+        "converts crossattn + BERTEmbedder (txt2img, layout) or ClassEmbedder (class), concat + "
+        "SpatialRescaler (semantic), __is_first_stage__ (inpaint) or torch.nn.Identity (superres), and "
+        "unconditional models"
     )
+
+
+def encoder_configs(kind: str, cond: dict | None, context_dim: int | None, where: str) -> tuple[dict, int]:
+    """The conditioning encoder's config(s) for make_metadata, and how many channels it concatenates to z_t
+    (0 for cross-attention)."""
+    params = (cond or {}).get("params") or {}
+    where = f"{where}.cond_stage_config.params"
+    try:
+        if kind == "class":
+            n = params.get("n_classes", 1000)  # ClassEmbedder's default: the 1000 ImageNet classes
+            # cin256-v2 has one row more than ImageNet's classes: the "no class" label of its guidance
+            cfg = ClassEmbedderConfig(n, need(params, "embed_dim", where), 1000 if n == 1001 else None)
+            if cfg.embed_dim != context_dim:
+                raise ConversionError(
+                    f"{where}: embed_dim {cfg.embed_dim} != the UNet's context_dim {context_dim}"
+                )
+            return {"class_embedder": cfg}, 0
+        if kind == "semantic":
+            if params.get("out_channels") is None:
+                raise ConversionError(f"{where}: a SpatialRescaler without out_channels is not supported")
+            known = {"n_stages", "method", "multiplier", "in_channels", "out_channels", "bias"}
+            if unknown := sorted(set(params) - known):
+                raise ConversionError(f"{where}: unknown SpatialRescaler parameter(s) {unknown}")
+            values = {"n_stages": 1, "method": "bilinear", "multiplier": 0.5, "in_channels": 3} | params
+            cfg = config_from_values(SpatialRescalerConfig, values, where)
+            return {"segmentation_encoder": cfg}, cfg.out_channels
+    except ValueError as e:
+        raise ConversionError(f"{where}: {e}") from None
+    return {}, 0
 
 
 def packaged_vocab() -> str:
@@ -532,8 +576,13 @@ def pick_ema(state: dict[str, Tensor], ema: bool | None, use_ema: bool, name: st
 PARTS = [  # CompVis LatentDiffusion attribute -> ldm_mini LatentDiffusion attribute
     ("model.diffusion_model.", "unet."),
     ("first_stage_model.", "autoencoder."),
-    ("cond_stage_model.", "text_encoder."),
 ]
+COND_STAGE = {  # CompVis cond_stage_model, by kind -> the ldm_mini attribute (model.CONDITIONING)
+    "txt2img": "text_encoder.",
+    "layout": "text_encoder.",
+    "class": "class_embedder.",
+    "semantic": "segmentation_encoder.",
+}
 
 
 def model_configs(yaml_path: Path) -> dict:
@@ -552,17 +601,24 @@ def _model_configs(p: dict, where: str) -> tuple[dict, bool]:
     )
     autoencoder = autoencoder_config(need(p, "first_stage_config", where), f"{where}.first_stage_config")
     text_encoder, vocab = None, None
-    if kind == "txt2img":
+    encoders, extra = encoder_configs(kind, cond, unet.context_dim, where)
+    if kind in ("txt2img", "layout"):
         text_encoder, tokenizes = bert_config(
             cond.get("params") or {}, BERT_TARGETS[cond["target"]], f"{where}.cond_stage_config.params"
         )
         vocab = packaged_vocab() if tokenizes else None
+        if kind == "layout":  # its tokens: 3 per object and 2 for the crop; see conditioning.LayoutConfig
+            encoders["layout"] = LayoutConfig(
+                text_encoder.vocab_size, max_objects=(text_encoder.max_seq_len - 2) // 3
+            )
         if unet.context_dim != text_encoder.n_embed:
             raise ConversionError(
                 f"{where}: the UNet's context_dim {unet.context_dim} != the text encoder's "
                 f"n_embed {text_encoder.n_embed}"
             )
-    extra = 3 if kind == "superres" else 0  # the low-res RGB image is concatenated to z_t
+    # what is concatenated to z_t: the low-res RGB image (superres), the masked image's latent and the mask
+    # (inpaint), the rescaled segmentation (semantic, from encoder_configs)
+    extra += {"superres": 3, "inpaint": autoencoder.embed_dim + 1}.get(kind, 0)
     if unet.in_channels != autoencoder.embed_dim + extra:
         raise ConversionError(
             f"{where}: unet in_channels {unet.in_channels} != {autoencoder.embed_dim} latent "
@@ -576,6 +632,7 @@ def _model_configs(p: dict, where: str) -> tuple[dict, bool]:
         scale_factor=number(p.get("scale_factor", 1.0), f"{where}.scale_factor"),
         text_encoder=text_encoder,
         vocab=vocab,
+        **encoders,
     ), bool(p.get("use_ema", True))
 
 
@@ -592,7 +649,8 @@ def convert_state_dict(
     if "alphas_cumprod" in state:
         schedule = configs["schedule"]
         ours, theirs = make_alphas_cumprod(schedule), state["alphas_cumprod"].float()
-        if ours.shape != theirs.shape or (ours - theirs).abs().max() > 1e-4:
+        values_differ = theirs.device.type != "meta" and (ours - theirs).abs().max() > 1e-4  # meta: shapes
+        if ours.shape != theirs.shape or values_differ:
             raise ConversionError(
                 f"{name}: its alphas_cumprod buffer is not the yaml's schedule ({schedule.beta_schedule} "
                 f"{schedule.beta_start} -> {schedule.beta_end}, T={schedule.num_train_timesteps}): "
@@ -603,15 +661,31 @@ def convert_state_dict(
         "unet.": unet_modules(configs["unet"]),
         "autoencoder.": autoencoder_modules(configs["autoencoder"]),
         "text_encoder.": bert_modules(text) if text else {},
+        "class_embedder.": {"embedding": Target("embedding.", SAME)},
+        "segmentation_encoder.": {"channel_mapper": Target("channel_mapper.", SAME)},
     }
+    kind = configs["kind"]
+    if kind == "inpaint":  # cond_stage_model IS first_stage_model: the same tensors, saved twice
+        for key in [k for k in state if k.startswith("cond_stage_model.")]:
+            twin = state.get("first_stage_model." + key.removeprefix("cond_stage_model."))
+            if (
+                twin is None
+                or twin.shape != state[key].shape
+                or (twin.device.type != "meta" and not torch.equal(twin, state[key]))
+            ):
+                raise ConversionError(
+                    f"{name}: {key} is not the first stage's tensor, as an inpainting model's is"
+                )
+            del state[key]
+    parts = PARTS + ([("cond_stage_model.", COND_STAGE[kind])] if kind in COND_STAGE else [])
     tensors, sources = {}, {}
-    for theirs, ours in PARTS:
+    for theirs, ours in parts:
         part = {k: v for k, v in state.items() if k.startswith(theirs)}
         try:
             tensors.update(translate(part, modules[ours], theirs, ours, sources))
         except ConversionError as e:
             raise ConversionError(f"{name}: {e}") from None
-    known = tuple(theirs for theirs, _ in PARTS)
+    known = tuple(theirs for theirs, _ in parts)
     if other := sorted(
         k for k in state if not k.startswith(known) and k not in SCHEDULE_BUFFERS | {"scale_factor"}
     ):
