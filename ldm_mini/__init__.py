@@ -22,6 +22,7 @@ from . import samplers, schedule
 from .hub import load
 from .loading import save
 from .model import LatentDiffusion
-from .pipeline import superres, txt2img, unconditional
+from .pipeline import class_conditional, superres, txt2img, unconditional
 
-__all__ = ["LatentDiffusion", "load", "samplers", "save", "schedule", "superres", "txt2img", "unconditional"]
+__all__ = ["LatentDiffusion", "class_conditional", "load", "samplers", "save", "schedule", "superres",
+           "txt2img", "unconditional"]  # fmt: skip

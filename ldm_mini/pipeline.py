@@ -46,13 +46,17 @@ from .tiling import TiledModel
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_SIDE = 4096  # pixels: the published models make 256, the paper's largest samples 1024 (f = 8: 128 latent)
 PIPELINE_OF = {"txt2img": "ldm_mini.txt2img", "unconditional": "ldm_mini.unconditional",
-               "superres": "ldm_mini.superres"}  # fmt: skip
+               "superres": "ldm_mini.superres", "class": "ldm_mini.class_conditional"}  # fmt: skip
+GUIDED = ("txt2img", "class")  # the kinds with an unconditional input for classifier-free guidance
 # diffusers 0.42.1's defaults (LDMTextToImagePipeline, LDMPipeline, LDMSuperResolutionPipeline), used when
 # neither the call nor the weight file's recommended settings give a value.
 DEFAULTS = {
     "txt2img": {"num_inference_steps": 50, "guidance_scale": 1.0, "eta": 0.0, "sampler": "ddim"},
     "unconditional": {"num_inference_steps": 50, "eta": 0.0, "sampler": "ddim"},
     "superres": {"num_inference_steps": 100, "eta": 0.0, "sampler": "ddim"},
+    # no diffusers pipeline: the sampler defaults of the others (the cin256-v2 notebook's 20 steps at guidance
+    # 3.0 are the converted file's recommended settings)
+    "class": {"num_inference_steps": 50, "guidance_scale": 1.0, "eta": 0.0, "sampler": "ddim"},
 }
 FILE_NAME = {"num_inference_steps": "steps", "guidance_scale": "guidance", "eta": "eta", "sampler": "sampler"}
 assert set(FILE_NAME.values()) == set(RECOMMENDABLE)
@@ -79,8 +83,9 @@ def settings(m, kind: str, *, num_inference_steps=None, guidance_scale=None, eta
     for name, default in DEFAULTS[kind].items():  # as given, else the file's, else diffusers'
         value = given[name]
         s[name] = value if value is not None else m.recommended.get(FILE_NAME[name], default)
-    if kind != "txt2img" and guidance_scale is not None:
-        raise ValueError(f"{PIPELINE_OF[kind]} takes no guidance_scale: only text-to-image models are guided")
+    if kind not in GUIDED and guidance_scale is not None:
+        raise ValueError(f"{PIPELINE_OF[kind]} takes no guidance_scale: only text-to-image and class-"
+                         "conditional models are guided")  # fmt: skip
 
     guidance = s.get("guidance_scale", 1.0)
     if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not math.isfinite(guidance):
@@ -266,6 +271,48 @@ def unconditional(m, batch_size: int = 1, *, num_inference_steps=None, eta=None,
 
     x_T = _initial_noise(m, shape, generator, latents)
     z0, trace = _sample(m, x_T, s, None, None, noise, generator, callback, progress, return_intermediates,
+                        None)  # fmt: skip
+    return _output(m, z0, output_type, trace)
+
+
+@torch.no_grad()
+def class_conditional(m, class_labels, *, num_inference_steps=None, guidance_scale=None, eta=None,
+                      height=None, width=None, sampler=None, generator=None, latents=None, noise=None,
+                      output_type="pil", callback=None, progress=True, return_intermediates=False,
+                      steps_offset=None, set_alpha_to_one=None, timestep_spacing=None,
+                      sigmas=None):  # fmt: skip
+    """Class-conditional ImageNet samples (cin256-v2; CompVis scripts/latent_imagenet_diffusion.ipynb).
+    class_labels: an int or a list of ints (one image each), 0 .. 999 for ImageNet. guidance_scale != 1 runs
+    classifier-free guidance with the model's "no class" label (m.class_embedder.config.unconditional_class,
+    1000 for cin256-v2) as the unconditional input, e = e_uc + s (e_c - e_uc), as the notebook does (20 DDIM
+    steps, scale 3.0, eta 0: the converted file's recommended settings). Others as txt2img."""
+    labels = [class_labels] if isinstance(class_labels, int) else class_labels
+    if isinstance(labels, Tensor):
+        labels = labels.tolist()
+    if (
+        not isinstance(labels, list | tuple)
+        or not labels
+        or not all(isinstance(c, int) and not isinstance(c, bool) for c in labels)
+    ):
+        raise ValueError(f"class_labels must be an int or a non-empty list of ints, got {class_labels!r}")
+    s = settings(m, "class", num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                 eta=eta, sampler=sampler, height=height, width=width, steps_offset=steps_offset,
+                 set_alpha_to_one=set_alpha_to_one, timestep_spacing=timestep_spacing, sigmas=sigmas,
+                 noise=noise, output_type=output_type)  # fmt: skip
+    uc_label = m.class_embedder.config.unconditional_class
+    if s["guidance_scale"] != 1.0 and uc_label is None:
+        raise ValueError("this class-conditional model has no unconditional label, so it cannot be guided: "
+                         "use guidance_scale=1.0")  # fmt: skip
+    f = m.downsample_factor
+    shape = (len(labels), m.latent_channels, s["height"] // f, s["width"] // f)
+    _check_tensor("latents", latents, shape)
+    _check_tensor("noise", noise, (s["num_inference_steps"], *shape))
+    _check_generator(generator, len(labels))
+
+    cond = m.encode_class(torch.tensor(labels))  # (B, 1, D); checks the range
+    uncond = m.encode_class(torch.full((len(labels),), uc_label)) if s["guidance_scale"] != 1.0 else None
+    x_T = _initial_noise(m, shape, generator, latents)
+    z0, trace = _sample(m, x_T, s, cond, uncond, noise, generator, callback, progress, return_intermediates,
                         None)  # fmt: skip
     return _output(m, z0, output_type, trace)
 

@@ -114,3 +114,26 @@ def test_the_released_yaml_builds_the_released_checkpoints_keys(name):
     assert all(tuple(tensors[k].shape) == tuple(want[k].shape) for k in want)
     params = yaml.safe_load(yaml_path.read_text())["model"]["params"]
     assert ("model_ema.decay" in state) == params.get("use_ema", True)
+
+
+@torch.no_grad()
+def test_class_conditional_samples_as_the_cin_notebook(zoo):
+    """ldm_mini.class_conditional = DDIMSampler.sample of the original: 5 steps from the recorded x_T, eta 0
+    (conditional only, and guided at 3.0 with the "no class" label 1000), eta 1 with the recorded step noise.
+    Random-weight samples grow large (|z| ~ 50-95: README section 2), so compared relative to their size."""
+    name, m, _ = zoo
+    if name != "cin256-v2":
+        pytest.skip("the class-conditional model only")
+    import ldm_mini
+
+    refs, _ = references(name)
+    label = int(refs["cond.class_labels"][0])
+    assert m.recommended == {"steps": 20, "guidance": 3.0, "eta": 0.0, "sampler": "ddim"}  # the notebook's
+    runs = [("eta0", 1.0, 0.0, None), ("cfg_eta0", 3.0, 0.0, None), ("eta1", 1.0, 1.0, "ddim.eta1.noise")]
+    for run, scale, eta, noise in runs:
+        z = ldm_mini.class_conditional(m, [label], num_inference_steps=5, guidance_scale=scale, eta=eta,
+                                       latents=refs[f"ddim.{run}.x_T"], height=64, width=64,
+                                       output_type="latent", noise=refs[noise] if noise else None,
+                                       progress=False)  # fmt: skip
+        ref = refs[f"ddim.{run}.samples"]
+        assert (z - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item()), run

@@ -283,22 +283,19 @@ def test_yaml_that_does_not_match_the_checkpoint(tmp_path, uncond):
 def test_unknown_conditioning_kind(tmp_path, uncond):
     ckpt, src = uncond
 
-    def class_conditional(p):
-        p["cond_stage_config"] = {
-            "target": "ldm.modules.encoders.modules.ClassEmbedder",
-            "params": {"embed_dim": 512, "key": "class_label"},
-        }
+    def clip_conditional(p):  # a CLIP text encoder: no released LDM of this repo uses one
+        p["cond_stage_config"] = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
         p["conditioning_key"] = "crossattn"
 
-    path = edited_yaml(src, tmp_path / "cin.yaml", class_conditional)
+    path = edited_yaml(src, tmp_path / "clip.yaml", clip_conditional)
     message = one_line_error(
         cli("weights_tools.convert", ckpt, tmp_path / "out.safetensors", "--config", path)
     )
     assert message == (
         f"{path}: model.params: conditioning_key 'crossattn' with cond_stage_config "
-        "'ldm.modules.encoders.modules.ClassEmbedder' is not supported: ldm_mini converts crossattn + "
-        "BERTEmbedder "
-        "(txt2img), concat + torch.nn.Identity (superres), unconditional"
+        "'ldm.modules.encoders.modules.FrozenCLIPEmbedder' is not supported: ldm_mini converts crossattn + "
+        "BERTEmbedder (txt2img, layout) or ClassEmbedder (class), concat + SpatialRescaler (semantic), "
+        "__is_first_stage__ (inpaint) or torch.nn.Identity (superres), and unconditional models"
     )
 
 

@@ -489,6 +489,10 @@ def conditioning(p: dict, where: str) -> tuple[str, dict | None]:
     )
 
 
+# scripts/latent_imagenet_diffusion.ipynb: DDIM S=20, unconditional_guidance_scale 3.0, eta 0.0
+RECOMMENDED = {"class": {"steps": 20, "guidance": 3.0, "eta": 0.0, "sampler": "ddim"}}
+
+
 def encoder_configs(kind: str, cond: dict | None, context_dim: int | None, where: str) -> tuple[dict, int]:
     """The conditioning encoder's config(s) for make_metadata, and how many channels it concatenates to z_t
     (0 for cross-attention)."""
@@ -633,6 +637,10 @@ def _model_configs(p: dict, where: str) -> tuple[dict, bool]:
         text_encoder=text_encoder,
         vocab=vocab,
         **encoders,
+        # the settings of the repo's own sampling code where diffusers has no pipeline for the kind
+        recommended=RECOMMENDED.get(kind)
+        if kind != "class" or encoders["class_embedder"].unconditional_class
+        else None,
     ), bool(p.get("use_ema", True))
 
 
