@@ -22,7 +22,7 @@ from . import samplers, schedule
 from .hub import load
 from .loading import save
 from .model import LatentDiffusion
-from .pipeline import class_conditional, superres, txt2img, unconditional
+from .pipeline import class_conditional, layout_to_image, semantic_synthesis, superres, txt2img, unconditional
 
-__all__ = ["LatentDiffusion", "class_conditional", "load", "samplers", "save", "schedule", "superres",
-           "txt2img", "unconditional"]  # fmt: skip
+__all__ = ["LatentDiffusion", "class_conditional", "layout_to_image", "load", "samplers", "save", "schedule",
+           "semantic_synthesis", "superres", "txt2img", "unconditional"]  # fmt: skip

@@ -46,7 +46,8 @@ from .tiling import TiledModel
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_SIDE = 4096  # pixels: the published models make 256, the paper's largest samples 1024 (f = 8: 128 latent)
 PIPELINE_OF = {"txt2img": "ldm_mini.txt2img", "unconditional": "ldm_mini.unconditional",
-               "superres": "ldm_mini.superres", "class": "ldm_mini.class_conditional"}  # fmt: skip
+               "superres": "ldm_mini.superres", "class": "ldm_mini.class_conditional",
+               "semantic": "ldm_mini.semantic_synthesis", "layout": "ldm_mini.layout_to_image"}  # fmt: skip
 GUIDED = ("txt2img", "class")  # the kinds with an unconditional input for classifier-free guidance
 # diffusers 0.42.1's defaults (LDMTextToImagePipeline, LDMPipeline, LDMSuperResolutionPipeline), used when
 # neither the call nor the weight file's recommended settings give a value.
@@ -57,6 +58,8 @@ DEFAULTS = {
     # no diffusers pipeline: the sampler defaults of the others (the cin256-v2 notebook's 20 steps at guidance
     # 3.0 are the converted file's recommended settings)
     "class": {"num_inference_steps": 50, "guidance_scale": 1.0, "eta": 0.0, "sampler": "ddim"},
+    "semantic": {"num_inference_steps": 50, "eta": 0.0, "sampler": "ddim"},
+    "layout": {"num_inference_steps": 50, "eta": 0.0, "sampler": "ddim"},
 }
 FILE_NAME = {"num_inference_steps": "steps", "guidance_scale": "guidance", "eta": "eta", "sampler": "sampler"}
 assert set(FILE_NAME.values()) == set(RECOMMENDABLE)
@@ -315,6 +318,67 @@ def class_conditional(m, class_labels, *, num_inference_steps=None, guidance_sca
     z0, trace = _sample(m, x_T, s, cond, uncond, noise, generator, callback, progress, return_intermediates,
                         None)  # fmt: skip
     return _output(m, z0, output_type, trace)
+
+
+def _conditioned(m, cond, batch, s, generator, latents, noise, output_type, callback, progress,
+                 return_intermediates):  # fmt: skip
+    """The body of the pipelines whose only input is the conditioning (semantic, layout)."""
+    f = m.downsample_factor
+    shape = (batch, m.latent_channels, s["height"] // f, s["width"] // f)
+    _check_tensor("latents", latents, shape)
+    _check_tensor("noise", noise, (s["num_inference_steps"], *shape))
+    _check_generator(generator, batch)
+    x_T = _initial_noise(m, shape, generator, latents)
+    z0, trace = _sample(m, x_T, s, cond, None, noise, generator, callback, progress, return_intermediates,
+                        None)  # fmt: skip
+    return _output(m, z0, output_type, trace)
+
+
+@torch.no_grad()
+def semantic_synthesis(m, segmentation, *, num_inference_steps=None, eta=None, sampler=None, generator=None,
+                       latents=None, noise=None, output_type="pil", callback=None, progress=True,
+                       return_intermediates=False, steps_offset=None, set_alpha_to_one=None,
+                       timestep_spacing=None, sigmas=None):  # fmt: skip
+    """Segmentation map -> image (semantic_synthesis256, the paper's landscapes, Fig. 8). segmentation: a
+    label map (B, H, W) int64 or its one-hot (B, C, H, W) at the image's size (H, W multiples of 4 and of the
+    UNet's levels); the image has its size. m.encode_segmentation rescales it to the latent (B, 3, H/4, W/4),
+    which is concatenated to z_t at every step. The repo has no sampling script for this model (its README
+    points to a notebook); the settings default to DDIM 50 steps, eta 0. Others as txt2img."""
+    s = settings(m, "semantic", num_inference_steps=num_inference_steps, eta=eta, sampler=sampler,
+                 steps_offset=steps_offset, set_alpha_to_one=set_alpha_to_one,
+                 timestep_spacing=timestep_spacing, sigmas=sigmas, noise=noise,
+                 output_type=output_type)  # fmt: skip
+    cond = m.encode_segmentation(segmentation)  # (B, 3, h, w); checks classes and size
+    s["height"], s["width"] = (side * m.downsample_factor for side in cond.shape[-2:])
+    return _conditioned(m, cond, cond.shape[0], s, generator, latents, noise, output_type,
+                        callback, progress, return_intermediates)  # fmt: skip
+
+
+@torch.no_grad()
+def layout_to_image(m, layout, *, num_inference_steps=None, eta=None, height=None, width=None, sampler=None,
+                    generator=None, latents=None, noise=None, output_type="pil", callback=None, progress=True,
+                    return_intermediates=False, steps_offset=None, set_alpha_to_one=None,
+                    timestep_spacing=None, sigmas=None):  # fmt: skip
+    """Layout -> image (layout2img-openimages256, Fig. 4 of the paper). layout: one image's list of objects
+    (class, (x0, y0, w, h)) or (class, (x0, y0, w, h), is_group_of), box coordinates relative to the image in
+    [0, 1] from the top left; a list of such lists makes a batch; or token ids (B, 92) as
+    m.layout_tokens builds them (conditioning.LayoutTokenizer documents the format). The README's setting
+    for this model is 200 DDIM steps, eta 0; None settings default to 50. Others as txt2img."""
+    if isinstance(layout, Tensor):
+        tokens = layout
+    else:
+        one = isinstance(layout, list | tuple) and (not layout or isinstance(layout[0][0], int))
+        tokens = m.layout_tokens([layout] if one else layout)  # checks every box and class
+    want = m.layout_tokenizer.config.length
+    if tokens.ndim != 2 or tokens.shape[1] != want or tokens.is_floating_point():
+        raise ValueError(f"layout token ids must be an integer tensor (B, {want}), got {tuple(tokens.shape)}")
+    s = settings(m, "layout", num_inference_steps=num_inference_steps, eta=eta, sampler=sampler,
+                 height=height, width=width, steps_offset=steps_offset, set_alpha_to_one=set_alpha_to_one,
+                 timestep_spacing=timestep_spacing, sigmas=sigmas, noise=noise,
+                 output_type=output_type)  # fmt: skip
+    cond = m.encode_layout(tokens)  # (B, 92, D)
+    return _conditioned(m, cond, cond.shape[0], s, generator, latents, noise, output_type,
+                        callback, progress, return_intermediates)  # fmt: skip
 
 
 def low_res_image(image) -> Tensor:
