@@ -1,4 +1,4 @@
-"""The denoising UNet eps_theta(z_t, t, y) of latent diffusion: one class for all three published models.
+"""The denoising UNet eps_theta(z_t, t, y) of latent diffusion: one class for every LDM of the CompVis zoo.
 
 Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models", arXiv:2112.10752:
   Eq. 2  the UNet predicts the noise eps in the latent z_t at step t: || eps - eps_theta(z_t, t) ||^2;
@@ -13,9 +13,18 @@ Three kinds of conditioning, one class:
   TEXT2IM_256   cross-attention to LDMBert tokens, context (B, 77, 1280)    (SpatialTransformer blocks)
   CELEBAHQ_256  unconditional                                              (plain self-attention blocks)
   SUPERRES_4X   the low-res image is concatenated to z_t on dim 1 before the call (in_channels 3 + 3 = 6)
+Two more ADM options (Dhariwal & Nichol Sec. 3), UNetConfig fields named as in the CompVis yamls:
+  use_scale_shift_norm  the time embedding scales and shifts the second GroupNorm's output (ADM's AdaGN)
+                        instead of being added before it                       (lsun_churches256)
+  resblock_updown       the resampling between levels is a ResBlock that average-pools / upsamples inside,
+                        not a strided conv / an upsample + conv             (lsun_churches256, inpainting_big)
+(lsun_churches256 also has 5 levels, channel_mult (1, 2, 2, 4, 4); inpainting_big concatenates the masked
+image's latent and the mask to z_t: in_channels 3 + 3 + 1 = 7. Both use the plain self-attention blocks.)
 state_dict keys are the names of diffusers' UNet2DConditionModel (context_dim set) / UNet2DModel (context_dim
 None) but for the fragments of loading.DIFFUSERS_RENAMES (diffusers' to_out.0 is to_out here, ff.net.0.proj
 and ff.net.2 are ff.proj_in and ff.proj_out): the modules read as the math, not as a Sequential of slots.
+(diffusers: use_scale_shift_norm is resnet_time_scale_shift="scale_shift"; resblock_updown is the block types
+ResnetDownsampleBlock2D / ResnetUpsampleBlock2D, or AttnDown/UpBlock2D with down/upsample_type="resnet".)
 Plain PyTorch layers throughout, bit-identical to diffusers (CPU, float32); ldm_mini/fast.py swaps in faster
 CPU layers at load time.
 """
@@ -50,6 +59,8 @@ class UNetConfig:
     transformer_depth: int = 1
     norm_num_groups: int = 32
     image_size: int = 32  # latent side the model was trained at (diffusers `sample_size`); sets default sizes
+    use_scale_shift_norm: bool = False  # ResBlocks: norm2(h) * (1 + scale) + shift (lsun_churches256)
+    resblock_updown: bool = False  # ResBlocks resample between levels (lsun_churches256, inpainting_big)
 
     def __post_init__(self):
         # YAML/JSON give lists; keep tuples so that configs compare equal and stay hashable.
@@ -130,21 +141,45 @@ class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv + projected time embedding, GroupNorm-SiLU-conv + shortcut (1x1 conv if C changes).
 
     `emb` arrives with SiLU applied (once, in UNet.forward, instead of in every block as in CompVis).
+    scale_shift (UNetConfig.use_scale_shift_norm): the embedding is projected to 2 * C_out channels, a scale
+      and a shift per channel, which modulate norm2's output: h = norm2(h) * (1 + scale) + shift (ADM's
+      adaptive GroupNorm, Dhariwal & Nichol 2021 Sec. 3); without it one shift per channel is added before
+      norm2 (which subtracts each group's mean: only the differences of the shifts within a group survive).
+    resample "down" / "up" (UNetConfig.resblock_updown): the block is the resampler between two levels. After
+      norm1 and SiLU, h and the skip x are both average-pooled 2x2 / nearest-upsampled (no weights), then
+      conv1 and the rest as usual; in and out channels are equal, so the shortcut is the resampled x itself.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, time_dim: int, groups: int):
+    def __init__(
+        self, in_ch: int, out_ch: int, time_dim: int, groups: int, scale_shift: bool = False,
+        resample: str | None = None,
+    ):  # fmt: skip
         super().__init__()
+        if resample not in (None, "down", "up"):
+            raise ValueError(f"ResBlock: resample must be None, 'down' or 'up', not {resample!r}")
+        self.scale_shift, self.resample = scale_shift, resample
         self.norm1 = nn.GroupNorm(groups, in_ch, eps=1e-5)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.time_emb_proj = nn.Linear(time_dim, out_ch)
+        self.time_emb_proj = nn.Linear(time_dim, 2 * out_ch if scale_shift else out_ch)  # [scale | shift]
         self.norm2 = nn.GroupNorm(groups, out_ch, eps=1e-5)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)  # dropout before it is 0 for every LDM model
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
-        h = h + self.time_emb_proj(emb)[:, :, None, None]  # (B, C_out, 1, 1): one shift per channel
-        h = self.conv2(F.silu(self.norm2(h)))
+    def forward(self, x: Tensor, emb: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        """x (B, C_in, H, W), emb (B, time_dim); size: resample="up" only, the (h, w) to upsample to."""
+        h = F.silu(self.norm1(x))  # (B, C_in, H, W)
+        if self.resample == "down":  # (B, C, H/2, W/2), odd sizes round down
+            h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)
+        elif self.resample == "up":  # (B, C, 2H, 2W), or the odd size of the skip the output meets
+            h, x = F.interpolate(h, size=size, mode="nearest"), F.interpolate(x, size=size, mode="nearest")
+        h = self.conv1(h)  # (B, C_out, H', W')
+        e = self.time_emb_proj(emb)[:, :, None, None]  # (B, C_out or 2 * C_out, 1, 1): per channel
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)  # (B, C_out, 1, 1) each, scale first (CompVis and diffusers)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)  # one shift per channel
+        h = self.conv2(F.silu(h))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return skip + h  # skip first, as diffusers (see SelfAttentionBlock.forward)
 
@@ -284,19 +319,27 @@ class Upsample(nn.Module):
 
 
 class DownBlock(nn.Module):
-    """One encoder level: n x (ResBlock [-> attention]), then a Downsample unless it is the last level.
+    """One encoder level: n x (ResBlock [-> attention]), then a downsampler unless it is the last level.
 
-    Every ResBlock/attention output and the Downsample output are pushed on `skips` for the decoder.
-    heads = 0: no attention at this level.
+    Every ResBlock/attention output and the downsampler's output are pushed on `skips` for the decoder.
+    heads = 0: no attention at this level. downsample: "conv" (Downsample), "resblock" (a ResBlock that
+    average-pools, UNetConfig.resblock_updown) or None (the last level).
     """
 
-    def __init__(self, in_ch, out_ch, time_dim, n, groups, heads, context_dim, depth, downsample: bool):
+    def __init__(
+        self, in_ch, out_ch, time_dim, n, groups, heads, context_dim, depth, downsample: str | None,
+        scale_shift: bool,
+    ):  # fmt: skip
         super().__init__()
         ins = [in_ch] + [out_ch] * (n - 1)
-        self.resnets = nn.ModuleList(ResBlock(c, out_ch, time_dim, groups) for c in ins)
+        self.resnets = nn.ModuleList(ResBlock(c, out_ch, time_dim, groups, scale_shift) for c in ins)
         attns = [make_attention(out_ch, heads, context_dim, depth, groups) for _ in ins] if heads else []
         self.attentions = nn.ModuleList(attns)
-        self.downsamplers = nn.ModuleList([Downsample(out_ch)] if downsample else [])
+        self.downsamplers = nn.ModuleList()  # diffusers' name: a list of 0 or 1
+        if downsample == "conv":
+            self.downsamplers.append(Downsample(out_ch))
+        elif downsample == "resblock":
+            self.downsamplers.append(ResBlock(out_ch, out_ch, time_dim, groups, scale_shift, resample="down"))
 
     def forward(self, h: Tensor, emb: Tensor, context: Tensor | None, skips: list[Tensor]) -> Tensor:
         for i, resnet in enumerate(self.resnets):
@@ -305,24 +348,33 @@ class DownBlock(nn.Module):
                 h = self.attentions[i](h, context)
             skips.append(h)
         for down in self.downsamplers:
-            h = down(h)  # (B, C, ceil(H/2), ceil(W/2))
+            # (B, C, H/2, W/2); odd sizes: the conv rounds up, the average pool down
+            h = down(h, emb) if isinstance(down, ResBlock) else down(h)
             skips.append(h)
         return h
 
 
 class UpBlock(nn.Module):
-    """One decoder level: (n+1) x (concat a skip -> ResBlock [-> attention]), then Upsample unless last.
+    """One decoder level: (n+1) x (concat a skip -> ResBlock [-> attention]), then an upsampler unless last.
 
     skip_chs: channels of the skips this level pops, in pop order. heads = 0: no attention at this level.
+    upsample: "conv" (Upsample), "resblock" (a ResBlock that upsamples, UNetConfig.resblock_updown) or None.
     """
 
-    def __init__(self, in_ch, out_ch, skip_chs, time_dim, groups, heads, context_dim, depth, upsample: bool):
+    def __init__(
+        self, in_ch, out_ch, skip_chs, time_dim, groups, heads, context_dim, depth, upsample: str | None,
+        scale_shift: bool,
+    ):  # fmt: skip
         super().__init__()
         ins = [(in_ch if i == 0 else out_ch) + s for i, s in enumerate(skip_chs)]
-        self.resnets = nn.ModuleList(ResBlock(c, out_ch, time_dim, groups) for c in ins)
+        self.resnets = nn.ModuleList(ResBlock(c, out_ch, time_dim, groups, scale_shift) for c in ins)
         attns = [make_attention(out_ch, heads, context_dim, depth, groups) for _ in ins] if heads else []
         self.attentions = nn.ModuleList(attns)
-        self.upsamplers = nn.ModuleList([Upsample(out_ch)] if upsample else [])
+        self.upsamplers = nn.ModuleList()
+        if upsample == "conv":
+            self.upsamplers.append(Upsample(out_ch))
+        elif upsample == "resblock":
+            self.upsamplers.append(ResBlock(out_ch, out_ch, time_dim, groups, scale_shift, resample="up"))
 
     def forward(self, h: Tensor, emb: Tensor, context: Tensor | None, skips: list[Tensor]) -> Tensor:
         for i, resnet in enumerate(self.resnets):
@@ -330,16 +382,18 @@ class UpBlock(nn.Module):
             if self.attentions:
                 h = self.attentions[i](h, context)
         for up in self.upsamplers:
-            h = up(h, size=skips[-1].shape[-2:])  # to the next skip's size: 2x, or odd as on the way down
+            size = skips[-1].shape[-2:]  # the next skip's size: 2x, or odd as on the way down
+            h = up(h, emb, size) if isinstance(up, ResBlock) else up(h, size)
         return h
 
 
 class MidBlock(nn.Module):
     """At the lowest resolution: ResBlock -> attention -> ResBlock (attention in every published model)."""
 
-    def __init__(self, channels, time_dim, groups, heads, context_dim, depth):
+    def __init__(self, channels, time_dim, groups, heads, context_dim, depth, scale_shift: bool):
         super().__init__()
-        self.resnets = nn.ModuleList(ResBlock(channels, channels, time_dim, groups) for _ in range(2))
+        resnets = [ResBlock(channels, channels, time_dim, groups, scale_shift) for _ in range(2)]
+        self.resnets = nn.ModuleList(resnets)
         self.attentions = nn.ModuleList([make_attention(channels, heads, context_dim, depth, groups)])
 
     def forward(self, h: Tensor, emb: Tensor, context: Tensor | None) -> Tensor:
@@ -364,7 +418,10 @@ class UNet(nn.Module):
         def heads_at(level: int) -> int:  # 0: no attention at this level
             return cfg.heads(chs[level]) if 2**level in cfg.attention_resolutions else 0
 
-        attn = {"context_dim": cfg.context_dim, "depth": cfg.transformer_depth}
+        # what every block is told: its attention's context and depth, how its ResBlocks take the time
+        opts = {"context_dim": cfg.context_dim, "depth": cfg.transformer_depth}
+        opts["scale_shift"] = cfg.use_scale_shift_norm
+        resample = "resblock" if cfg.resblock_updown else "conv"  # between two levels, both ways
         self.time_embedding = TimestepMLP(ch0, time_dim)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
 
@@ -372,21 +429,21 @@ class UNet(nn.Module):
         self.down_blocks = nn.ModuleList()
         for level, out_ch in enumerate(chs):
             last = level == len(chs) - 1
-            in_ch, heads = skip_chs[-1], heads_at(level)
+            in_ch, heads, down = skip_chs[-1], heads_at(level), None if last else resample
             self.down_blocks.append(
-                DownBlock(in_ch, out_ch, time_dim, n, groups, heads, **attn, downsample=not last)
+                DownBlock(in_ch, out_ch, time_dim, n, groups, heads, **opts, downsample=down)
             )
             skip_chs += [out_ch] * (n if last else n + 1)
 
-        self.mid_block = MidBlock(chs[-1], time_dim, groups, cfg.heads(chs[-1]), **attn)
+        self.mid_block = MidBlock(chs[-1], time_dim, groups, cfg.heads(chs[-1]), **opts)
 
         self.up_blocks = nn.ModuleList()
         in_ch = chs[-1]
         for level in reversed(range(len(chs))):
             pops = [skip_chs.pop() for _ in range(n + 1)]  # each decoder level takes n + 1 skips
-            heads = heads_at(level)
+            heads, up = heads_at(level), resample if level > 0 else None
             self.up_blocks.append(
-                UpBlock(in_ch, chs[level], pops, time_dim, groups, heads, **attn, upsample=level > 0)
+                UpBlock(in_ch, chs[level], pops, time_dim, groups, heads, **opts, upsample=up)
             )
             in_ch = chs[level]
 

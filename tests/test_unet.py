@@ -8,6 +8,7 @@ it must agree to atol 1e-5, rtol 0.
 """
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from helpers import randomize_
 from ldm_mini import fast
 from ldm_mini.loading import from_diffusers_names
 from ldm_mini.unet import CELEBAHQ_256, SUPERRES_4X, TEXT2IM_256, Attention, UNet, UNetConfig
+from weights_tools import diffusers_format
 
 REALCONFIGS = Path(__file__).parent / "realconfigs"
 ATOL = 1e-5  # float32, fast layers; a miss at 1e-5 on order-1 outputs is a real difference, not rounding
@@ -42,28 +44,53 @@ TINY_SUPERRES = UNetConfig(  # Down, Down, AttnDown; ds 8 is never reached (as d
 )  # fmt: skip
 
 
+# The CompVis zoo's ResBlock options (lsun_churches256, inpainting_big) on the tiny UNets above; GroupNorms
+# of 2 or more channels per group (with one, GroupNorm would erase the added time embedding and every bias).
+TINY_SCALE_SHIFT = replace(TINY_CELEBAHQ, use_scale_shift_norm=True)
+TINY_TEXT2IM_SCALE_SHIFT = replace(TINY_TEXT2IM, use_scale_shift_norm=True)  # UNet2DConditionModel: odd sizes
+TINY_UPDOWN = replace(TINY_SUPERRES, resblock_updown=True)  # ResnetDownsampleBlock2D, ..., AttnDownBlock2D
+TINY_CHURCHES = UNetConfig(  # lsun_churches256's pattern: 5 levels, attention at levels 0-3 + mid, both flags
+    in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 1, 1, 2, 2), num_res_blocks=2,
+    attention_resolutions=(1, 2, 4, 8), num_heads=None, num_head_channels=16, context_dim=None,
+    norm_num_groups=8, use_scale_shift_norm=True, resblock_updown=True,
+)  # fmt: skip
+
+
 def diffusers_unet(cfg: UNetConfig):
     """The diffusers model for a config. The trap: diffusers' `attention_head_dim` is the NUMBER of heads
-    in UNet2DConditionModel (CompVis num_heads) but the SIZE of a head in UNet2DModel (num_head_channels)."""
+    in UNet2DConditionModel (CompVis num_heads) but the SIZE of a head in UNet2DModel (num_head_channels).
+    use_scale_shift_norm is resnet_time_scale_shift="scale_shift"; resblock_updown is the Resnet*sampleBlock2D
+    types (levels without attention) and down/upsample_type="resnet" (UNet2DModel's attention levels)."""
     levels = range(len(cfg.channel_mult))
     attn = [2**i in cfg.attention_resolutions for i in levels]
     common = dict(
         in_channels=cfg.in_channels, out_channels=cfg.out_channels, layers_per_block=cfg.num_res_blocks,
         block_out_channels=tuple(cfg.model_channels * m for m in cfg.channel_mult),
-        norm_num_groups=cfg.norm_num_groups, flip_sin_to_cos=True, freq_shift=0,
+        sample_size=cfg.image_size, norm_num_groups=cfg.norm_num_groups, flip_sin_to_cos=True, freq_shift=0,
+        resnet_time_scale_shift="scale_shift" if cfg.use_scale_shift_norm else "default",
     )  # fmt: skip
+    plain_down, plain_up = (
+        ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D")
+        if cfg.resblock_updown
+        else ("DownBlock2D", "UpBlock2D")
+    )
     if cfg.context_dim is not None:
-        down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn)
-        up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
+        assert not cfg.resblock_updown, "diffusers' CrossAttnDownBlock2D always downsamples with a conv"
+        down = tuple("CrossAttnDownBlock2D" if a else plain_down for a in attn)
+        up = tuple("CrossAttnUpBlock2D" if a else plain_up for a in reversed(attn))
         return UNet2DConditionModel(
             down_block_types=down, up_block_types=up, attention_head_dim=cfg.num_heads,
             cross_attention_dim=cfg.context_dim, transformer_layers_per_block=cfg.transformer_depth, **common,
         )  # fmt: skip
-    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn)
-    up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
+    down = tuple("AttnDownBlock2D" if a else plain_down for a in attn)
+    up = tuple("AttnUpBlock2D" if a else plain_up for a in reversed(attn))
+    resample = "resnet" if cfg.resblock_updown else "conv"
     return UNet2DModel(
-        down_block_types=down, up_block_types=up, attention_head_dim=cfg.num_head_channels, **common
-    )
+        down_block_types=down, up_block_types=up, attention_head_dim=cfg.num_head_channels,
+        downsample_type=resample, upsample_type=resample,
+        attn_norm_num_groups=cfg.norm_num_groups,  # else no mid-block GroupNorm with scale_shift
+        **common,
+    )  # fmt: skip
 
 
 def pair(cfg: UNetConfig, seed: int = 0, fast_layers: bool = False):
@@ -74,7 +101,17 @@ def pair(cfg: UNetConfig, seed: int = 0, fast_layers: bool = False):
     return fast.enable(ours) if fast_layers else ours, ref
 
 
-def check(ours, ref, x, t, context=None):
+MAX_DIFF: dict[str, float] = {}  # name -> max |ours - diffusers|, printed at the end (pytest -s)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report():
+    yield
+    for name, diff in sorted(MAX_DIFF.items()):
+        print(f"\nmax abs diff {name}: {diff:.2e}")
+
+
+def check(ours, ref, x, t, context=None, name: str = ""):
     """ours(x, t, context) vs diffusers: bit-identical for the plain model, atol 1e-5 with fast layers."""
     with torch.no_grad():
         kwargs = {} if context is None else {"encoder_hidden_states": context}
@@ -82,6 +119,9 @@ def check(ours, ref, x, t, context=None):
         got = ours(x, t, context)
     assert 0.3 < want.std() < 10, f"reference output std {want.std():.3g}: not of order 1"
     torch.testing.assert_close(got, want, rtol=0, atol=ATOL if fast.is_enabled(ours) else 0.0)
+    if name:
+        key = f"{name} ({'fast' if fast.is_enabled(ours) else 'plain'})"
+        MAX_DIFF[key] = max(MAX_DIFF.get(key, 0.0), (got - want).abs().max().item())
     return got
 
 
@@ -111,6 +151,57 @@ def test_unconditional_and_concat_unet_matches_diffusers(cfg, batch, h, w, t, fa
     ours, ref = pair(cfg, fast_layers=fast_layers)
     x = torch.randn(batch, cfg.in_channels, h, w, generator=torch.Generator().manual_seed(2))
     check(ours, ref, x, t)  # superres: x = cat(noisy latent, low-res image) on dim 1, 3 + 3 channels
+
+
+def assert_converts_back(ref, cfg: UNetConfig):
+    """The diffusers config reads back as the same UNetConfig (weights_tools.diffusers_format, which lists
+    the attention_resolutions the levels reach, from level 0 up)."""
+    got = diffusers_format.unet_config(dict(ref.config, _class_name=type(ref).__name__), "ref")
+    reached = sorted(ds for ds in cfg.attention_resolutions if ds < 2 ** len(cfg.channel_mult))
+    assert got == replace(cfg, attention_resolutions=tuple(reached))
+
+
+@pytest.mark.parametrize("fast_layers", [False, True], ids=["plain", "fast"])
+@pytest.mark.parametrize("batch, h, w, t", CASES)
+@pytest.mark.parametrize("cfg", [TINY_SCALE_SHIFT, TINY_UPDOWN], ids=["scale_shift", "resblock_updown"])
+def test_zoo_resblock_options_match_diffusers(cfg, batch, h, w, t, fast_layers):
+    ours, ref = pair(cfg, fast_layers=fast_layers)
+    x = torch.randn(batch, cfg.in_channels, h, w, generator=torch.Generator().manual_seed(4))
+    name = "scale_shift" if cfg.use_scale_shift_norm else "resblock_updown"
+    check(ours, ref, x, t, name=name)
+    assert_converts_back(ref, cfg)
+
+
+@pytest.mark.parametrize("fast_layers", [False, True], ids=["plain", "fast"])
+@pytest.mark.parametrize("batch, h, w, t", [(2, 9, 7, torch.tensor([999, 0])), (1, 8, 12, 500)])
+def test_scale_shift_with_cross_attention_matches_diffusers_at_odd_sizes(batch, h, w, t, fast_layers):
+    cfg = TINY_TEXT2IM_SCALE_SHIFT
+    ours, ref = pair(cfg, fast_layers=fast_layers)
+    gen = torch.Generator().manual_seed(5)
+    x, context = torch.randn(batch, 4, h, w, generator=gen), torch.randn(batch, 7, 16, generator=gen)
+    check(ours, ref, x, t, context, name="scale_shift, cross-attention")
+    assert_converts_back(ref, cfg)
+
+
+@pytest.mark.parametrize("fast_layers", [False, True], ids=["plain", "fast"])
+@pytest.mark.parametrize("batch, h, w, t", [(1, 16, 16, 981), (2, 32, 16, torch.tensor([3, 500]))])
+def test_churches_like_unet_matches_diffusers(batch, h, w, t, fast_layers):
+    """5 levels (ds up to 16), scale-shift and ResBlock resampling, self-attention at levels 0-3 + mid."""
+    ours, ref = pair(TINY_CHURCHES, fast_layers=fast_layers)
+    assert type(ours.down_blocks[0].downsamplers[0]).__name__ == "ResBlock"
+    assert ours.down_blocks[0].resnets[0].time_emb_proj.out_features == 2 * 32  # [scale | shift]
+    x = torch.randn(batch, 4, h, w, generator=torch.Generator().manual_seed(6))
+    check(ours, ref, x, t, name="churches-like (5 levels, both options)")
+    assert_converts_back(ref, TINY_CHURCHES)
+
+
+def test_resblock_updown_reaches_odd_skip_sizes():
+    """No reference runs odd sizes with resblock_updown (the average pool rounds down, then their 2x
+    upsampling misses the skip's size); ours upsamples to the skip's size, as Upsample does."""
+    ours = UNet(TINY_CHURCHES).eval()
+    with torch.no_grad():
+        out = ours(torch.randn(1, 4, 37, 21), 10)
+    assert out.shape == (1, 4, 37, 21) and torch.isfinite(out).all()
 
 
 def test_attention_maps_only_when_asked():

@@ -58,10 +58,10 @@ def split_qkv(t: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 SAME = [("", "", None)]  # names inside are already ldm_mini's (a conv, a norm, a SpatialTransformer)
-RESBLOCK = [  # UNet ResBlock: Sequential slots -> named layers
+RESBLOCK = [  # UNet ResBlock: Sequential slots -> named layers; also those that resample (resblock_updown)
     ("in_layers.0.", "norm1.", None),  # GroupNorm (slot 1 is SiLU)
     ("in_layers.2.", "conv1.", None),  # 3x3 conv
-    ("emb_layers.1.", "time_emb_proj.", None),  # Linear(time_dim, C_out) (slot 0 is SiLU)
+    ("emb_layers.1.", "time_emb_proj.", None),  # Linear(time_dim, C_out), or 2 C_out = [scale | shift] whole
     ("out_layers.0.", "norm2.", None),
     ("out_layers.3.", "conv2.", None),  # slot 2 is Dropout
     ("skip_connection.", "conv_shortcut.", None),  # 1x1 conv, only where the width changes
@@ -126,7 +126,8 @@ def unet_modules(cfg: UNetConfig) -> dict[str, Target]:
     """openaimodel.UNetModel numbers its blocks in one running index; ldm_mini (= diffusers) nests them by
     level. input_blocks.0 is conv_in; each level then has num_res_blocks blocks [ResBlock, attention?] and,
     except the last, a Downsample block. output_blocks run from the lowest resolution up, num_res_blocks + 1
-    per level, the last of a level ending with an Upsample (slot 2 after an attention, else slot 1)."""
+    per level, the last of a level ending with an Upsample (slot 2 after an attention, else slot 1). With
+    resblock_updown that Downsample / Upsample is a ResBlock(down=True / up=True): ResBlock names."""
     attention = LEGACY_ATTENTION if cfg.context_dim is None else spatial_transformer(cfg.transformer_depth)
     chs = [cfg.model_channels * m for m in cfg.channel_mult]
     n = cfg.num_res_blocks
@@ -151,7 +152,8 @@ def unet_modules(cfg: UNetConfig) -> dict[str, Target]:
                 )
             i += 1
         if level < len(chs) - 1:
-            m[f"input_blocks.{i}.0"] = Target(f"down_blocks.{level}.downsamplers.0.", DOWNSAMPLE)
+            down = RESBLOCK if cfg.resblock_updown else DOWNSAMPLE
+            m[f"input_blocks.{i}.0"] = Target(f"down_blocks.{level}.downsamplers.0.", down)
             i += 1
     o = 0
     for u, level in enumerate(reversed(range(len(chs)))):
@@ -162,8 +164,9 @@ def unet_modules(cfg: UNetConfig) -> dict[str, Target]:
                 m[f"output_blocks.{o}.1"] = Target(
                     f"up_blocks.{u}.attentions.{j}.", attention, cfg.heads(chs[level])
                 )
-            if level > 0 and j == n:  # Upsample: its conv keeps the name
-                m[f"output_blocks.{o}.{2 if attends else 1}"] = Target(f"up_blocks.{u}.upsamplers.0.", SAME)
+            if level > 0 and j == n:  # Upsample: its conv keeps the name; or a ResBlock(up=True)
+                up = RESBLOCK if cfg.resblock_updown else SAME
+                m[f"output_blocks.{o}.{2 if attends else 1}"] = Target(f"up_blocks.{u}.upsamplers.0.", up)
             o += 1
     return m
 
@@ -267,8 +270,6 @@ UNET_PARAMS = set(  # UNetModel.__init__'s arguments; the ones not in UNSUPPORTE
 )
 UNSUPPORTED_UNET = {  # parameter: (the value ldm_mini implements, what the other value would need)
     "num_classes": (None, "a class-conditional UNet (label_emb)"),
-    "use_scale_shift_norm": (False, "FiLM-style ResBlocks (emb_layers giving scale and shift)"),
-    "resblock_updown": (False, "ResBlocks that down/upsample instead of Downsample/Upsample layers"),
     "use_new_attention_order": (False, "QKVAttention's qkv-first split"),
     "conv_resample": (True, "average-pool downsampling without convolutions"),
     "dims": (2, "1-D or 3-D convolutions"),
@@ -347,6 +348,8 @@ def unet_config(p: dict, where: str) -> UNetConfig:
                 transformer_depth=p.get("transformer_depth", 1),
                 norm_num_groups=32,  # openaimodel's normalization() is GroupNorm32
                 image_size=need(p, "image_size", where),  # the latent side it was trained at
+                use_scale_shift_norm=p.get("use_scale_shift_norm", False),
+                resblock_updown=p.get("resblock_updown", False),
             ),
             where,
         )

@@ -104,6 +104,40 @@ def require(config: dict, where: str, **expected) -> None:
             )
 
 
+# The UNet block types ldm_mini reads -> how each resamples between two levels: "conv" (a stride-2 conv; an
+# upsample + conv) or "resnet" (a ResnetBlock2D that average-pools / upsamples: CompVis resblock_updown);
+# None: UNet2DModel's attention blocks take the model's downsample_type / upsample_type.
+DOWN_BLOCKS = {"DownBlock2D": "conv", "CrossAttnDownBlock2D": "conv", "ResnetDownsampleBlock2D": "resnet",
+               "AttnDownBlock2D": None}  # fmt: skip
+UP_BLOCKS = {"UpBlock2D": "conv", "CrossAttnUpBlock2D": "conv", "ResnetUpsampleBlock2D": "resnet",
+             "AttnUpBlock2D": None}  # fmt: skip
+
+
+def resblock_updown(c: dict, where: str) -> bool:
+    """Whether the UNet resamples with ResnetBlock2Ds (all levels) or with convs (all levels); a mix has no
+    CompVis counterpart. The last block of each list does not resample."""
+    kinds = set()
+    for types, table, key in (
+        (c["down_block_types"], DOWN_BLOCKS, "downsample_type"),
+        (c["up_block_types"], UP_BLOCKS, "upsample_type"),
+    ):
+        if unknown := sorted(set(types) - set(table)):
+            raise ConversionError(
+                f"{where}: block type(s) {unknown} are not supported (ldm_mini: {list(table)})"
+            )
+        for name in types[:-1]:
+            kind = table[name] or c.get(key) or "conv"
+            if kind not in ("conv", "resnet"):
+                raise ConversionError(f"{where}: {key}={kind!r} is not supported (conv or resnet)")
+            kinds.add(kind)
+    if len(kinds) > 1:
+        raise ConversionError(
+            f"{where}: {c['down_block_types']} / {c['up_block_types']} mix conv and resnet resampling "
+            "between levels: not supported (ldm_mini resamples one way at every level)"
+        )
+    return kinds == {"resnet"}
+
+
 def unet_config(c: dict, where: str) -> UNetConfig:
     require(
         c,
@@ -116,17 +150,28 @@ def unet_config(c: dict, where: str) -> UNetConfig:
         norm_eps=1e-5,
         use_linear_projection=False,
         class_embed_type=None,
-        resnet_time_scale_shift="default",
         upcast_attention=False,
         only_cross_attention=False,
         mid_block_scale_factor=1,
         downsample_padding=1,
         add_attention=True,
-        downsample_type="conv",
-        upsample_type="conv",
         encoder_hid_dim=None,
         addition_embed_type=None,
+        resnet_skip_time_act=False,
+        resnet_out_scale_factor=1.0,
     )
+    shift = c.get("resnet_time_scale_shift") or "default"
+    if shift not in ("default", "scale_shift"):
+        raise ConversionError(f"{where}: resnet_time_scale_shift={shift!r} is not supported")
+    groups, cross = c.get("norm_num_groups", 32), c["_class_name"] == "UNet2DConditionModel"
+    # UNet2DModel's mid-block attention has a GroupNorm of attn_norm_num_groups groups; left None, diffusers
+    # gives it norm_num_groups, but NO GroupNorm at all with scale_shift (CompVis always has one)
+    mid_groups = c.get("attn_norm_num_groups") or (groups if shift == "default" else None)
+    if not cross and mid_groups != groups:
+        raise ConversionError(
+            f"{where}: attn_norm_num_groups={c.get('attn_norm_num_groups')} with resnet_time_scale_shift="
+            f"{shift!r} is not supported (ldm_mini's attention GroupNorm has norm_num_groups={groups} groups)"
+        )
     base, mult = channel_mult(c["block_out_channels"], where)
     down = c["down_block_types"]
     attention_levels = [i for i, name in enumerate(down) if "Attn" in name]
@@ -135,7 +180,6 @@ def unet_config(c: dict, where: str) -> UNetConfig:
         if len(set(heads)) != 1:
             raise ConversionError(f"{where}: per-level attention_head_dim {heads} is not supported")
         heads = heads[0]
-    cross = c["_class_name"] == "UNet2DConditionModel"
     # The trap: diffusers' `attention_head_dim` is the NUMBER of heads in UNet2DConditionModel (a legacy
     # misnomer, num_attention_heads defaults to it) but the SIZE of a head in UNet2DModel (where None
     # means one head as wide as the block).
@@ -161,8 +205,10 @@ def unet_config(c: dict, where: str) -> UNetConfig:
             if cross
             else None,  # absent in the 2022 config
             transformer_depth=depth,
-            norm_num_groups=c.get("norm_num_groups", 32),
+            norm_num_groups=groups,
             image_size=c.get("sample_size", 32),
+            use_scale_shift_norm=shift == "scale_shift",
+            resblock_updown=resblock_updown(c, where),
         ),
         where,
     )
