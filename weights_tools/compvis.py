@@ -655,8 +655,8 @@ def convert_state_dict(
     state = dict(state)
     used_ema = pick_ema(state, ema, use_ema, name)
     configs = dict(configs)
-    if "scale_factor" in state:  # scale_by_std: 1 / std of the first batch's latents, saved as a buffer
-        configs["scale_factor"] = float(state["scale_factor"])
+    if "scale_factor" in state and state["scale_factor"].device.type != "meta":  # (meta: the key check)
+        configs["scale_factor"] = float(state["scale_factor"])  # scale_by_std: 1 / std of the first latents
     if "alphas_cumprod" in state:
         schedule = configs["schedule"]
         ours, theirs = make_alphas_cumprod(schedule), state["alphas_cumprod"].float()
