@@ -203,7 +203,22 @@ def _output(m, z0, output_type, trace):
     return out if trace is None else (out, trace)
 
 
-# --- the three pipelines ---------------------------------------------------------------------------
+def _run(m, cond, uncond, batch, s, generator, latents, noise, output_type, callback, progress,
+         return_intermediates, attention_layer=None):  # fmt: skip
+    """Check the shapes of the given tensors, draw x_T, sample, decode: the body of every pipeline after its
+    conditioning is built (cond, uncond: what predict_noise is given; None for unconditional models)."""
+    f = m.downsample_factor
+    shape = (batch, m.latent_channels, s["height"] // f, s["width"] // f)
+    _check_tensor("latents", latents, shape)
+    _check_tensor("noise", noise, (s["num_inference_steps"], *shape))
+    _check_generator(generator, batch)
+    x_T = _initial_noise(m, shape, generator, latents)
+    z0, trace = _sample(m, x_T, s, cond, uncond, noise, generator, callback, progress, return_intermediates,
+                        attention_layer)  # fmt: skip
+    return _output(m, z0, output_type, trace)
+
+
+# --- the pipelines ---------------------------------------------------------------------------------
 @torch.no_grad()
 def txt2img(m, prompt: str | list[str], *, num_inference_steps=None, guidance_scale=None, eta=None,
             height=None, width=None, sampler=None, generator=None, latents=None, noise=None,
@@ -266,16 +281,8 @@ def unconditional(m, batch_size: int = 1, *, num_inference_steps=None, eta=None,
                  height=height, width=width, steps_offset=steps_offset, set_alpha_to_one=set_alpha_to_one,
                  timestep_spacing=timestep_spacing, sigmas=sigmas, noise=noise,
                  output_type=output_type)  # fmt: skip
-    f = m.downsample_factor
-    shape = (batch_size, m.latent_channels, s["height"] // f, s["width"] // f)
-    _check_tensor("latents", latents, shape)
-    _check_tensor("noise", noise, (s["num_inference_steps"], *shape))
-    _check_generator(generator, batch_size)
-
-    x_T = _initial_noise(m, shape, generator, latents)
-    z0, trace = _sample(m, x_T, s, None, None, noise, generator, callback, progress, return_intermediates,
-                        None)  # fmt: skip
-    return _output(m, z0, output_type, trace)
+    return _run(m, None, None, batch_size, s, generator, latents, noise, output_type, callback, progress,
+                return_intermediates)  # fmt: skip
 
 
 @torch.no_grad()
@@ -306,32 +313,10 @@ def class_conditional(m, class_labels, *, num_inference_steps=None, guidance_sca
     if s["guidance_scale"] != 1.0 and uc_label is None:
         raise ValueError("this class-conditional model has no unconditional label, so it cannot be guided: "
                          "use guidance_scale=1.0")  # fmt: skip
-    f = m.downsample_factor
-    shape = (len(labels), m.latent_channels, s["height"] // f, s["width"] // f)
-    _check_tensor("latents", latents, shape)
-    _check_tensor("noise", noise, (s["num_inference_steps"], *shape))
-    _check_generator(generator, len(labels))
-
     cond = m.encode_class(torch.tensor(labels))  # (B, 1, D); checks the range
     uncond = m.encode_class(torch.full((len(labels),), uc_label)) if s["guidance_scale"] != 1.0 else None
-    x_T = _initial_noise(m, shape, generator, latents)
-    z0, trace = _sample(m, x_T, s, cond, uncond, noise, generator, callback, progress, return_intermediates,
-                        None)  # fmt: skip
-    return _output(m, z0, output_type, trace)
-
-
-def _conditioned(m, cond, batch, s, generator, latents, noise, output_type, callback, progress,
-                 return_intermediates):  # fmt: skip
-    """The body of the pipelines whose only input is the conditioning (semantic, layout)."""
-    f = m.downsample_factor
-    shape = (batch, m.latent_channels, s["height"] // f, s["width"] // f)
-    _check_tensor("latents", latents, shape)
-    _check_tensor("noise", noise, (s["num_inference_steps"], *shape))
-    _check_generator(generator, batch)
-    x_T = _initial_noise(m, shape, generator, latents)
-    z0, trace = _sample(m, x_T, s, cond, None, noise, generator, callback, progress, return_intermediates,
-                        None)  # fmt: skip
-    return _output(m, z0, output_type, trace)
+    return _run(m, cond, uncond, len(labels), s, generator, latents, noise, output_type, callback, progress,
+                return_intermediates)  # fmt: skip
 
 
 @torch.no_grad()
@@ -350,8 +335,8 @@ def semantic_synthesis(m, segmentation, *, num_inference_steps=None, eta=None, s
                  output_type=output_type)  # fmt: skip
     cond = m.encode_segmentation(segmentation)  # (B, 3, h, w); checks classes and size
     s["height"], s["width"] = (side * m.downsample_factor for side in cond.shape[-2:])
-    return _conditioned(m, cond, cond.shape[0], s, generator, latents, noise, output_type,
-                        callback, progress, return_intermediates)  # fmt: skip
+    return _run(m, cond, None, cond.shape[0], s, generator, latents, noise, output_type, callback, progress,
+                return_intermediates)  # fmt: skip
 
 
 @torch.no_grad()
@@ -377,8 +362,8 @@ def layout_to_image(m, layout, *, num_inference_steps=None, eta=None, height=Non
                  timestep_spacing=timestep_spacing, sigmas=sigmas, noise=noise,
                  output_type=output_type)  # fmt: skip
     cond = m.encode_layout(tokens)  # (B, 92, D)
-    return _conditioned(m, cond, cond.shape[0], s, generator, latents, noise, output_type,
-                        callback, progress, return_intermediates)  # fmt: skip
+    return _run(m, cond, None, cond.shape[0], s, generator, latents, noise, output_type, callback, progress,
+                return_intermediates)  # fmt: skip
 
 
 def low_res_image(image) -> Tensor:
