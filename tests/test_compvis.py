@@ -26,6 +26,7 @@ from helpers import randomize_
 
 from ldm_mini import load
 from ldm_mini.loading import build_empty, read_metadata
+from ldm_mini.unet import UNet
 from weights_tools import compvis
 from weights_tools.common import ConversionError
 from weights_tools.convert import convert
@@ -98,6 +99,9 @@ def unet_to_compvis(ref) -> dict[str, torch.Tensor]:
         elif m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
             out[f"input_blocks.{(int(m[1]) + 1) * (n + 1)}.0.op.{m[2]}"] = value
             continue
+        elif m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.(.*)", key):  # resblock_updown
+            out[f"input_blocks.{(int(m[1]) + 1) * (n + 1)}.0.{rename_start(m[2], RESNET)}"] = value
+            continue
         elif m := re.match(r"mid_block\.(resnets|attentions)\.(\d)\.(.*)", key):
             kind, rest = m[1], m[3]
             module = f"mid_block.{kind}.{m[2]}"
@@ -110,6 +114,11 @@ def unet_to_compvis(ref) -> dict[str, torch.Tensor]:
             u = int(m[1])
             slot = 2 if (levels - 1 - u) in attn_levels else 1
             out[f"output_blocks.{u * (n + 1) + n}.{slot}.conv.{m[2]}"] = value
+            continue
+        elif m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.(.*)", key):  # resblock_updown: a ResBlock
+            u = int(m[1])
+            slot = 2 if (levels - 1 - u) in attn_levels else 1
+            out[f"output_blocks.{u * (n + 1) + n}.{slot}.{rename_start(m[2], RESNET)}"] = value
             continue
         else:
             prefix = next(p for p in fixed if key.startswith(p))
@@ -728,14 +737,22 @@ def diffusers_unet_from_yaml(params: dict, p: dict):
         return UNet2DConditionModel(**cfg)
     chs = [p["model_channels"] * m for m in p["channel_mult"]]
     attn = [2**i in p["attention_resolutions"] for i in range(len(chs))]
+    updown = p.get("resblock_updown", False)  # lsun_churches256: ResnetBlock2Ds resample
+    down, up = (
+        ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D") if updown else ("DownBlock2D", "UpBlock2D")
+    )
     return UNet2DModel(
         in_channels=p["in_channels"],
         out_channels=p["out_channels"],
         block_out_channels=chs,
         layers_per_block=p["num_res_blocks"],
         attention_head_dim=p.get("num_head_channels") or None,
-        down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
-        up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        down_block_types=["AttnDownBlock2D" if a else down for a in attn],
+        up_block_types=["AttnUpBlock2D" if a else up for a in reversed(attn)],
+        downsample_type="resnet" if updown else "conv",
+        upsample_type="resnet" if updown else "conv",
+        resnet_time_scale_shift="scale_shift" if p.get("use_scale_shift_norm") else "default",
+        attn_norm_num_groups=32,  # else diffusers' scale_shift mid block has no attention GroupNorm
     )
 
 
@@ -794,8 +811,6 @@ def full_size_state(params: dict, unet_only: bool = False) -> dict[str, torch.Te
 def test_full_size_published_config_maps_every_key(name):
     yaml_path = REALCONFIGS / name
     params = yaml.safe_load(yaml_path.read_text())["model"]["params"]
-    if params["unet_config"]["params"].get("resblock_updown"):  # this builder reads no such UNet
-        pytest.skip("the churches UNet: checked against the original's own key list in test_compvis_zoo.py")
     state = full_size_state(params)
     configs, use_ema = compvis.model_configs(yaml_path)
     assert configs["kind"] == COVERED[name]
@@ -835,3 +850,59 @@ def test_published_yamls_give_the_preset_configs():
         s = configs["schedule"]
         assert (s.beta_start, s.beta_end, s.beta_schedule) == (*betas, "scaled_linear")
         assert (s.steps_offset, s.set_alpha_to_one) == (1, False)  # the CompVis DDIM convention
+
+
+# --- the zoo's UNets against the ORIGINAL code (tests/compvis_refs, README sections 3.3, 3.6) --------------
+REFS = ROOT / "tests" / "compvis_refs"
+ZOO_UNETS = {  # compvis_refs folder -> (released yaml, what apply_model concatenates to z_t)
+    "lsun_churches256": ("models/ldm/lsun_churches256/config.yaml", None),  # scale-shift, updown, 5 levels
+    "inpainting_big": ("models/ldm/inpainting_big/config.yaml", "eps.cond"),  # updown; masked latent + mask
+}
+UNET_PREFIX = "model.diffusion_model."
+
+
+def zoo_unet_config(yaml_path: Path):
+    params = yaml.safe_load(yaml_path.read_text())["model"]["params"]["unet_config"]["params"]
+    return compvis.unet_config(params, str(yaml_path))
+
+
+@pytest.mark.parametrize("name", sorted(ZOO_UNETS))
+@torch.no_grad()
+def test_zoo_unet_matches_the_original(name):
+    """The tiny model.ckpt's UNet through unet_modules / translate, strictly into UNet: eps of the original
+    apply_model, raw weights (eps.raw_t500) and the EMA shadows (eps.t500, eps.t_mixed; compvis.pick_ema)."""
+    from safetensors.torch import load_file
+
+    folder, (_, concat) = REFS / name, ZOO_UNETS[name]
+    cfg = zoo_unet_config(folder / "config.yaml")
+    ckpt = torch.load(folder / "model.ckpt", weights_only=True)["state_dict"]  # deflated zip: no mmap
+    refs = load_file(folder / "reference.safetensors")
+    x = refs["eps.x"] if concat is None else torch.cat([refs["eps.x"], refs[concat]], dim=1)  # (B, in, h, w)
+    unet = UNet(cfg).eval()
+    for weights, t, want in [("raw", 500, "eps.raw_t500"), ("EMA", 500, "eps.t500"),
+                             ("EMA", refs["eps.t_mixed_t"], "eps.t_mixed")]:  # fmt: skip
+        state = dict(ckpt)
+        compvis.pick_ema(state, weights == "EMA", True, name)
+        part = {k: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
+        unet.load_state_dict(
+            compvis.translate(part, compvis.unet_modules(cfg), UNET_PREFIX, "", {}), strict=True
+        )
+        close(f"{name}: UNet eps vs the original ({weights})", unet(x, t), refs[want])
+
+
+@pytest.mark.parametrize("name", sorted(ZOO_UNETS))
+def test_zoo_unet_full_size_keys_are_the_originals(name):
+    """UNet(unet_config(released yaml)) on the meta device has exactly the keys and shapes of the original's
+    full-size state_dict (full_size_keys.json.gz), mapped through unet_modules."""
+    import gzip
+    import json
+
+    keys = json.loads(gzip.decompress((REFS / name / "full_size_keys.json.gz").read_bytes()))["keys"]
+    cfg = zoo_unet_config(REALCONFIGS / ZOO_UNETS[name][0])
+    with torch.device("meta"):
+        state = {k: torch.empty(shape) for k, shape, _ in keys if k.startswith(UNET_PREFIX)}
+        want = {k: tuple(v.shape) for k, v in UNet(cfg).state_dict().items()}
+    legacy_qkv = sum(k.endswith(".qkv.weight") for k in state)
+    got = compvis.translate(state, compvis.unet_modules(cfg), UNET_PREFIX, "", {})
+    assert len(got) == len(state) + 4 * legacy_qkv  # each fused qkv weight and bias -> 3
+    assert {k: tuple(v.shape) for k, v in got.items()} == want
