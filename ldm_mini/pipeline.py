@@ -349,18 +349,32 @@ def layout_to_image(m, layout, *, num_inference_steps=None, eta=None, height=Non
     [0, 1] from the top left; a list of such lists makes a batch; or token ids (B, 92) as
     m.layout_tokens builds them (conditioning.LayoutTokenizer documents the format). The README's setting
     for this model is 200 DDIM steps, eta 0; None settings default to 50. Others as txt2img."""
+    s = settings(
+        m,
+        "layout",
+        num_inference_steps=num_inference_steps,
+        eta=eta,
+        sampler=sampler,
+        height=height,
+        width=width,
+        steps_offset=steps_offset,
+        set_alpha_to_one=set_alpha_to_one,
+        timestep_spacing=timestep_spacing,
+        sigmas=sigmas,
+        noise=noise,
+        output_type=output_type,
+    )  # fmt: skip (first: it names a model of another kind)
     if isinstance(layout, Tensor):
         tokens = layout
-    else:
-        one = isinstance(layout, list | tuple) and (not layout or isinstance(layout[0][0], int))
+    else:  # one image's objects, or a list of them (an object starts with its int class)
+        one = isinstance(layout, list | tuple) and (
+            not layout
+            or (isinstance(layout[0], list | tuple) and layout[0] and isinstance(layout[0][0], int))
+        )
         tokens = m.layout_tokens([layout] if one else layout)  # checks every box and class
     want = m.layout_tokenizer.config.length
     if tokens.ndim != 2 or tokens.shape[1] != want or tokens.is_floating_point():
         raise ValueError(f"layout token ids must be an integer tensor (B, {want}), got {tuple(tokens.shape)}")
-    s = settings(m, "layout", num_inference_steps=num_inference_steps, eta=eta, sampler=sampler,
-                 height=height, width=width, steps_offset=steps_offset, set_alpha_to_one=set_alpha_to_one,
-                 timestep_spacing=timestep_spacing, sigmas=sigmas, noise=noise,
-                 output_type=output_type)  # fmt: skip
     cond = m.encode_layout(tokens)  # (B, 92, D)
     return _run(m, cond, None, cond.shape[0], s, generator, latents, noise, output_type, callback, progress,
                 return_intermediates)  # fmt: skip
