@@ -9,8 +9,8 @@ Two layers, and every import points down (tests/test_layering.py):
            fast (the opt-in CPU kernels), tokenizer (WordPiece), schedule (betas, alpha-bar, q_sample, the
            timesteps and sigmas a sampler visits), samplers (DDPM, DDIM, PLMS, guidance, the registry),
            ksamplers (LMS, Euler, Heun, DPM-2, DPM-Solver++, UniPC: the ODE/SDE solvers in sigma), model
-           (the LatentDiffusion container), loading (the weight file), pipeline (txt2img, unconditional,
-           superres), tiling (large images in bounded memory)
+           (the LatentDiffusion container), loading (the weight file), pipeline (one function per task),
+           tiling (large images in bounded memory)
   tooling  hub (embedded names, files and hub ids -> a model), __main__ (the command line), verify (against
            diffusers), viz (notebook figures), shapes (the procedural world), train (the embedded model),
            exercises (the course kit's graders)
@@ -22,7 +22,15 @@ from . import samplers, schedule
 from .hub import load
 from .loading import save
 from .model import LatentDiffusion
-from .pipeline import class_conditional, layout_to_image, semantic_synthesis, superres, txt2img, unconditional
+from .pipeline import (
+    class_conditional,
+    inpaint,
+    layout_to_image,
+    semantic_synthesis,
+    superres,
+    txt2img,
+    unconditional,
+)
 
-__all__ = ["LatentDiffusion", "class_conditional", "layout_to_image", "load", "samplers", "save", "schedule",
-           "semantic_synthesis", "superres", "txt2img", "unconditional"]  # fmt: skip
+__all__ = ["LatentDiffusion", "class_conditional", "inpaint", "layout_to_image", "load", "samplers", "save",
+           "schedule", "semantic_synthesis", "superres", "txt2img", "unconditional"]  # fmt: skip

@@ -200,7 +200,7 @@ class LatentDiffusion(nn.Module):
         guidance is m.class_embedder.config.unconditional_class (1000 for cin256-v2)."""
         if self.class_embedder is None:
             raise ValueError(f"encode_class() needs a class-conditional model; this one is {self.kind!r}")
-        labels = torch.as_tensor(labels, device=self.device)
+        labels = torch.as_tensor(labels)  # checked where it is, then moved: a meta-device model checks too
         n = self.class_embedder.config.n_classes
         if labels.ndim != 1 or labels.dtype not in (torch.int32, torch.int64):
             raise ValueError(
@@ -209,7 +209,7 @@ class LatentDiffusion(nn.Module):
         if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < n):
             bad = labels[(labels < 0) | (labels >= n)][0].item()
             raise ValueError(f"class label {bad} is out of range: this model has classes 0 .. {n - 1}")
-        return self.class_embedder(labels.long())
+        return self.class_embedder(labels.long().to(self.device))
 
     def encode_segmentation(self, segmentation: Tensor) -> Tensor:
         """tau_theta(y) of a segmentation: a label map (B, H, W) int64, or its one-hot (B, C, H, W) float ->
@@ -217,7 +217,7 @@ class LatentDiffusion(nn.Module):
         if self.segmentation_encoder is None:
             raise ValueError(f"encode_segmentation() needs a semantic model; this one is {self.kind!r}")
         cfg = self.segmentation_encoder.config
-        seg = torch.as_tensor(segmentation, device=self.device)
+        seg = torch.as_tensor(segmentation)  # checked where it is, then moved (as encode_class)
         if seg.ndim == 3 and not seg.is_floating_point():
             if seg.numel() and not (0 <= int(seg.min()) and int(seg.max()) < cfg.in_channels):
                 raise ValueError(
@@ -234,7 +234,7 @@ class LatentDiffusion(nn.Module):
         if seg.shape[-1] % cfg.factor or seg.shape[-2] % cfg.factor:
             raise ValueError(f"a segmentation's height and width must be multiples of {cfg.factor}, got "
                              f"{tuple(seg.shape[-2:])}")  # fmt: skip
-        return self.segmentation_encoder(seg.to(self.dtype))
+        return self.segmentation_encoder(seg.to(self.device, self.dtype))
 
     def layout_tokens(self, layouts: list) -> Tensor:
         """Layouts (one list of (class, (x0, y0, w, h)[, is_group_of]) per image, coordinates in [0, 1]) ->
@@ -259,7 +259,6 @@ class LatentDiffusion(nn.Module):
         """
         if self.kind != "inpaint":
             raise ValueError(f"inpaint_condition() needs an inpaint model; this one is {self.kind!r}")
-        image, mask = image.to(self.device, self.dtype), mask.to(self.device, self.dtype)
         if image.ndim != 4 or image.shape[1] != 3:
             raise ValueError(f"the image must be (B, 3, H, W) in [-1, 1], got {tuple(image.shape)}")
         if mask.shape != (image.shape[0], 1, *image.shape[2:]):
@@ -269,6 +268,7 @@ class LatentDiffusion(nn.Module):
             )
         if not ((mask == 0) | (mask == 1)).all():
             raise ValueError("the mask must be binary, 1 = fill and 0 = keep (threshold a soft mask at 0.5)")
+        image, mask = image.to(self.device, self.dtype), mask.to(self.device, self.dtype)  # checked: moved
         masked = (1 - mask) * (image + 1) - 1  # inpaint.py: ((1 - m) * (x + 1) / 2) * 2 - 1
         if isinstance(self.autoencoder, VQModel):
             latent = self.autoencoder.encode(masked)  # (B, c, h, w), not quantised

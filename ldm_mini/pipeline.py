@@ -1,8 +1,15 @@
-"""The three pipelines of the diffusers Latent Diffusion docs: glue around samplers.py, no new math.
+"""The pipelines: one per task of the paper, glue around samplers.py, no new math.
 
-    txt2img        LDMTextToImagePipeline      prompt -> LDMBert context -> sampler -> decode
-    unconditional  LDMPipeline                 noise -> sampler -> decode (ldm-celebahq-256)
-    superres       LDMSuperResolutionPipeline  low-res image concatenated to z_t at every step -> decode
+    txt2img            LDMTextToImagePipeline      prompt -> LDMBert context -> sampler -> decode
+    unconditional      LDMPipeline                 noise -> sampler -> decode (celebahq, ffhq, lsun)
+    superres           LDMSuperResolutionPipeline  low-res image concatenated to z_t at every step -> decode
+    class_conditional  the cin256-v2 notebook      class label -> embedding context, guided by "no class"
+    semantic_synthesis (no script)                 segmentation map -> rescaled map concatenated to z_t
+    layout_to_image    (no script)                 boxes + classes -> layout tokens -> LDMBert context
+    inpaint            scripts/inpaint.py          masked image's latent + mask concatenated -> composite
+
+The first three follow diffusers' pipelines (the rest of this paragraph); the others follow the CompVis
+repo's own script or notebook for the model, which the tests check against the original code.
 
 Same argument names, meanings and random draws as diffusers 0.42.1, so the same seed gives the same image:
 x_T = torch.randn(shape, generator=generator), then (DDIM with eta > 0, DDPM) one draw of the step noise
@@ -47,7 +54,8 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_SIDE = 4096  # pixels: the published models make 256, the paper's largest samples 1024 (f = 8: 128 latent)
 PIPELINE_OF = {"txt2img": "ldm_mini.txt2img", "unconditional": "ldm_mini.unconditional",
                "superres": "ldm_mini.superres", "class": "ldm_mini.class_conditional",
-               "semantic": "ldm_mini.semantic_synthesis", "layout": "ldm_mini.layout_to_image"}  # fmt: skip
+               "semantic": "ldm_mini.semantic_synthesis", "layout": "ldm_mini.layout_to_image",
+               "inpaint": "ldm_mini.inpaint"}  # fmt: skip
 GUIDED = ("txt2img", "class")  # the kinds with an unconditional input for classifier-free guidance
 # diffusers 0.42.1's defaults (LDMTextToImagePipeline, LDMPipeline, LDMSuperResolutionPipeline), used when
 # neither the call nor the weight file's recommended settings give a value.
@@ -60,6 +68,7 @@ DEFAULTS = {
     "class": {"num_inference_steps": 50, "guidance_scale": 1.0, "eta": 0.0, "sampler": "ddim"},
     "semantic": {"num_inference_steps": 50, "eta": 0.0, "sampler": "ddim"},
     "layout": {"num_inference_steps": 50, "eta": 0.0, "sampler": "ddim"},
+    "inpaint": {"num_inference_steps": 50, "eta": 0.0, "sampler": "ddim"},  # scripts/inpaint.py --steps 50
 }
 FILE_NAME = {"num_inference_steps": "steps", "guidance_scale": "guidance", "eta": "eta", "sampler": "sampler"}
 assert set(FILE_NAME.values()) == set(RECOMMENDABLE)
@@ -188,34 +197,49 @@ def _sample(m, x_T, s, cond, uncond, noise, generator, callback, progress, retur
     return z0, trace or None
 
 
-def _output(m, z0, output_type, trace):
-    """Final latent -> "latent" z0, "pt" (B, 3, H, W) / "np" (B, H, W, 3) float in [0, 1], "pil" list."""
+def _output(m, z0, output_type, trace, keep=None):
+    """Final latent -> "latent" z0, "pt" (B, 3, H, W) / "np" (B, H, W, 3) float in [0, 1], "pil" list.
+
+    keep: (image, mask), image (B, 3, H, W) in [0, 1] and mask (B, 1, H, W) with 1 = filled: inpainting's
+    final composite (1 - mask) * image + mask * sample (scripts/inpaint.py), so the kept pixels are the
+    input's exactly; its PNGs truncate to uint8 as the script's astype(np.uint8) does, the others round."""
     out = z0 if output_type == "latent" else m.decode(z0)  # D(z0 / scale_factor) in [-1, 1]
     if not torch.isfinite(out).all():  # clamp would turn NaN into a black picture that looks like a result
         raise RuntimeError("the sample has NaN or infinite values: the weights or a setting overflowed "
                            "(float16? use float32 or bfloat16); no image is made of it")  # fmt: skip
     if output_type != "latent":
         out = (out / 2 + 0.5).clamp(0, 1)  # [-1, 1] -> [0, 1]
+        if keep is not None:
+            image, mask = (x.to(out.device, out.dtype) for x in keep)
+            out = (1 - mask) * image + mask * out
         if output_type != "pt":
             out = out.permute(0, 2, 3, 1).float().cpu().numpy()  # (B, H, W, 3)
         if output_type == "pil":
-            out = [PIL.Image.fromarray(a) for a in (out * 255).round().astype(np.uint8)]
+            pixels = out * 255
+            pixels = pixels.round() if keep is None else np.floor(pixels)  # floor = astype's truncation
+            out = [PIL.Image.fromarray(a) for a in pixels.astype(np.uint8)]
     return out if trace is None else (out, trace)
 
 
-def _run(m, cond, uncond, batch, s, generator, latents, noise, output_type, callback, progress,
-         return_intermediates, attention_layer=None):  # fmt: skip
-    """Check the shapes of the given tensors, draw x_T, sample, decode: the body of every pipeline after its
-    conditioning is built (cond, uncond: what predict_noise is given; None for unconditional models)."""
+def _latent_shape(m, batch, s, generator, latents, noise) -> tuple[int, int, int, int]:
+    """The latent (B, c, h, w) of a call, with the tensors and generators it was given checked against it:
+    called before any encoder runs, so a wrong shape is a ValueError before any compute."""
     f = m.downsample_factor
-    shape = (batch, m.latent_channels, s["height"] // f, s["width"] // f)
+    shape = (batch, m.latent_channels, s["height"] // f, s["width"] // f)  # diffusers' txt2img: height // 8
     _check_tensor("latents", latents, shape)
     _check_tensor("noise", noise, (s["num_inference_steps"], *shape))
     _check_generator(generator, batch)
+    return shape
+
+
+def _run(m, shape, cond, uncond, s, generator, latents, noise, output_type, callback, progress,
+         return_intermediates, attention_layer=None, keep=None):  # fmt: skip
+    """Draw x_T, sample, decode: the body of every pipeline after its conditioning is built (cond, uncond:
+    what predict_noise is given; None for unconditional models; shape from _latent_shape)."""
     x_T = _initial_noise(m, shape, generator, latents)
     z0, trace = _sample(m, x_T, s, cond, uncond, noise, generator, callback, progress, return_intermediates,
                         attention_layer)  # fmt: skip
-    return _output(m, z0, output_type, trace)
+    return _output(m, z0, output_type, trace, keep)
 
 
 # --- the pipelines ---------------------------------------------------------------------------------
@@ -251,18 +275,11 @@ def txt2img(m, prompt: str | list[str], *, num_inference_steps=None, guidance_sc
     names = [name for name, _ in m.unet.cross_attention_layers()]
     if attention_layer is not None and attention_layer not in names:
         raise ValueError(f"no cross-attention layer {attention_layer!r}: use one of {names}")
-    f = m.downsample_factor
-    shape = (len(prompts), m.latent_channels, s["height"] // f, s["width"] // f)  # diffusers: height // 8
-    _check_tensor("latents", latents, shape)
-    _check_tensor("noise", noise, (s["num_inference_steps"], *shape))
-    _check_generator(generator, len(prompts))
-
+    shape = _latent_shape(m, len(prompts), s, generator, latents, noise)
     cond = m.encode_text(m.tokenize(list(prompts)))  # (B, 77, D)
     uncond = m.encode_text(m.tokenize([""] * len(prompts))) if s["guidance_scale"] != 1.0 else None
-    x_T = _initial_noise(m, shape, generator, latents)
-    z0, trace = _sample(m, x_T, s, cond, uncond, noise, generator, callback, progress, return_intermediates,
-                        attention_layer)  # fmt: skip
-    return _output(m, z0, output_type, trace)
+    return _run(m, shape, cond, uncond, s, generator, latents, noise, output_type, callback, progress,
+                return_intermediates, attention_layer)  # fmt: skip
 
 
 @torch.no_grad()
@@ -281,7 +298,8 @@ def unconditional(m, batch_size: int = 1, *, num_inference_steps=None, eta=None,
                  height=height, width=width, steps_offset=steps_offset, set_alpha_to_one=set_alpha_to_one,
                  timestep_spacing=timestep_spacing, sigmas=sigmas, noise=noise,
                  output_type=output_type)  # fmt: skip
-    return _run(m, None, None, batch_size, s, generator, latents, noise, output_type, callback, progress,
+    shape = _latent_shape(m, batch_size, s, generator, latents, noise)
+    return _run(m, shape, None, None, s, generator, latents, noise, output_type, callback, progress,
                 return_intermediates)  # fmt: skip
 
 
@@ -309,14 +327,22 @@ def class_conditional(m, class_labels, *, num_inference_steps=None, guidance_sca
                  eta=eta, sampler=sampler, height=height, width=width, steps_offset=steps_offset,
                  set_alpha_to_one=set_alpha_to_one, timestep_spacing=timestep_spacing, sigmas=sigmas,
                  noise=noise, output_type=output_type)  # fmt: skip
-    uc_label = m.class_embedder.config.unconditional_class
-    if s["guidance_scale"] != 1.0 and uc_label is None:
+    uc_label = unconditional_label(m, s["guidance_scale"])
+    shape = _latent_shape(m, len(labels), s, generator, latents, noise)
+    cond = m.encode_class(torch.tensor(labels))  # (B, 1, D); checks the range
+    uncond = None if uc_label is None else m.encode_class(torch.full((len(labels),), uc_label))
+    return _run(m, shape, cond, uncond, s, generator, latents, noise, output_type, callback, progress,
+                return_intermediates)  # fmt: skip
+
+
+def unconditional_label(m, guidance_scale: float) -> int | None:
+    """The "no class" label that guidance needs (None unguided), or a ValueError if the model has none."""
+    if guidance_scale == 1.0:
+        return None
+    if m.class_embedder.config.unconditional_class is None:
         raise ValueError("this class-conditional model has no unconditional label, so it cannot be guided: "
                          "use guidance_scale=1.0")  # fmt: skip
-    cond = m.encode_class(torch.tensor(labels))  # (B, 1, D); checks the range
-    uncond = m.encode_class(torch.full((len(labels),), uc_label)) if s["guidance_scale"] != 1.0 else None
-    return _run(m, cond, uncond, len(labels), s, generator, latents, noise, output_type, callback, progress,
-                return_intermediates)  # fmt: skip
+    return m.class_embedder.config.unconditional_class
 
 
 @torch.no_grad()
@@ -333,9 +359,12 @@ def semantic_synthesis(m, segmentation, *, num_inference_steps=None, eta=None, s
                  steps_offset=steps_offset, set_alpha_to_one=set_alpha_to_one,
                  timestep_spacing=timestep_spacing, sigmas=sigmas, noise=noise,
                  output_type=output_type)  # fmt: skip
-    cond = m.encode_segmentation(segmentation)  # (B, 3, h, w); checks classes and size
+    # (B, 3, h, w); checks classes and size first. The only encoder that runs before the shape checks below:
+    # it is one interpolation and a 1x1 conv, and it is what tells a label map's size from a one-hot's.
+    cond = m.encode_segmentation(segmentation)
     s["height"], s["width"] = (side * m.downsample_factor for side in cond.shape[-2:])
-    return _run(m, cond, None, cond.shape[0], s, generator, latents, noise, output_type, callback, progress,
+    shape = _latent_shape(m, cond.shape[0], s, generator, latents, noise)
+    return _run(m, shape, cond, None, s, generator, latents, noise, output_type, callback, progress,
                 return_intermediates)  # fmt: skip
 
 
@@ -375,9 +404,79 @@ def layout_to_image(m, layout, *, num_inference_steps=None, eta=None, height=Non
     want = m.layout_tokenizer.config.length
     if tokens.ndim != 2 or tokens.shape[1] != want or tokens.is_floating_point():
         raise ValueError(f"layout token ids must be an integer tensor (B, {want}), got {tuple(tokens.shape)}")
+    shape = _latent_shape(m, tokens.shape[0], s, generator, latents, noise)
     cond = m.encode_layout(tokens)  # (B, 92, D)
-    return _run(m, cond, None, cond.shape[0], s, generator, latents, noise, output_type, callback, progress,
+    return _run(m, shape, cond, None, s, generator, latents, noise, output_type, callback, progress,
                 return_intermediates)  # fmt: skip
+
+
+def inpaint_inputs(m, image, mask) -> tuple[Tensor, Tensor]:
+    """An image and its mask -> image (B, 3, H, W) in [-1, 1] and mask (B, 1, H, W) in {0, 1}, 1 = fill,
+    checked against the model m (which may be on the meta device: the command line checks before loading).
+
+    PIL inputs are read as scripts/inpaint.py's make_batch reads its PNGs: the image as RGB / 255, the mask
+    as L / 255 binarised at 0.5 (127 -> keep, 128 -> fill). Tensors are used as they are: the image in
+    [-1, 1], the mask binary (a soft mask is refused by m.inpaint_condition, not silently thresholded)."""
+    if isinstance(image, PIL.Image.Image):
+        image = _pil_to_tensor(image.convert("RGB")) * 2 - 1  # (1, 3, H, W) in [-1, 1]
+    else:
+        _check_image_tensor(image, "inpaint")
+    if isinstance(mask, PIL.Image.Image):
+        mask = (_pil_to_tensor(mask.convert("L")) >= 0.5).float()  # (1, 1, H, W)
+    elif not isinstance(mask, Tensor):
+        raise ValueError(f"mask must be a PIL image or a tensor (B, 1, H, W), got {type(mask).__name__}")
+    if mask.shape != (image.shape[0], 1, *image.shape[2:]):
+        raise ValueError(f"the mask must be (B, 1, H, W) = {(image.shape[0], 1, *image.shape[2:])}, the "
+                         f"image's size, got {tuple(mask.shape)}")  # fmt: skip
+    f = m.downsample_factor
+    if image.shape[-1] % f or image.shape[-2] % f or 0 in image.shape:
+        raise ValueError(f"the image's height and width must be positive multiples of {f} (the "
+                         f"autoencoder factor), got {tuple(image.shape[-2:])}: crop or resize image and "
+                         "mask")  # fmt: skip
+    return image, mask.float()
+
+
+def _pil_to_tensor(image: PIL.Image.Image) -> Tensor:
+    """uint8 (H, W[, C]) -> float32 (1, C, H, W) in [0, 1], as np.asarray(image) / 255."""
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+    return (x[None] if x.ndim == 2 else x.permute(2, 0, 1))[None]
+
+
+def _check_image_tensor(image, pipeline: str) -> None:
+    batch_of_rgb = isinstance(image, Tensor) and image.ndim == 4 and image.shape[1] == 3
+    if not batch_of_rgb or not image.is_floating_point():
+        got = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+        raise ValueError(f"image must be a PIL image or a float tensor (B, 3, h, w) in [-1, 1] for "
+                         f"{pipeline}, got {got}")  # fmt: skip
+    if image.numel() and (image.min() < -1.001 or image.max() > 1.001):
+        raise ValueError(f"the image tensor must be in [-1, 1] (got {image.min():.3g}..{image.max():.3g}): "
+                         "map [0, 1] images with 2 * x - 1, and clamp resampling overshoot")  # fmt: skip
+
+
+@torch.no_grad()
+def inpaint(m, image, mask, *, num_inference_steps=None, eta=None, sampler=None, generator=None, latents=None,
+            noise=None, output_type="pil", callback=None, progress=True, return_intermediates=False,
+            steps_offset=None, set_alpha_to_one=None, timestep_spacing=None, sigmas=None):  # fmt: skip
+    """Fill the masked part of an image (inpainting_big; the paper's Sec. 4.5, Table 7), as
+    scripts/inpaint.py does. image: a PIL image or a tensor (B, 3, H, W) in [-1, 1]; mask: a PIL image
+    (white = fill) or a tensor (B, 1, H, W), 1 = fill, 0 = keep (see inpaint_inputs); H, W multiples of the
+    autoencoder factor (and, for the CompVis UNet, of 32).
+
+    The condition m.inpaint_condition(image, mask) (the masked image's latent and the mask, concatenated to
+    z_t at every step) guides an unguided sampler; the result is the script's composite (1 - mask) * image +
+    mask * sample, so the kept pixels are the input's. The script samples 50 DDIM steps, eta 0 (the defaults
+    here). output_type "latent" returns the sampled latent (no composite). Others as txt2img."""
+    s = settings(m, "inpaint", num_inference_steps=num_inference_steps, eta=eta, sampler=sampler,
+                 steps_offset=steps_offset, set_alpha_to_one=set_alpha_to_one,
+                 timestep_spacing=timestep_spacing, sigmas=sigmas, noise=noise,
+                 output_type=output_type)  # fmt: skip
+    image, mask = inpaint_inputs(m, image, mask)
+    s["height"], s["width"] = image.shape[-2:]
+    shape = _latent_shape(m, image.shape[0], s, generator, latents, noise)
+    cond = m.inpaint_condition(image, mask)  # (B, c + 1, h, w); checks that the mask is binary
+    keep = ((image + 1) / 2).clamp(0, 1), mask  # the script's image01 and mask01, at full resolution
+    return _run(m, shape, cond, None, s, generator, latents, noise, output_type, callback, progress,
+                return_intermediates, keep=keep)  # fmt: skip
 
 
 def low_res_image(image) -> Tensor:
@@ -391,15 +490,8 @@ def low_res_image(image) -> Tensor:
         if w == 0 or h == 0:
             raise ValueError(f"a PIL image for superres must be at least 32x32 pixels, got {image.size}")
         image = image.convert("RGB").resize((w, h), resample=PIL.Image.Resampling.LANCZOS)
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-        return 2.0 * x - 1.0  # (1, 3, h, w), [0, 1] -> [-1, 1]
-    batch_of_rgb = isinstance(image, Tensor) and image.ndim == 4 and image.shape[1] == 3
-    if not batch_of_rgb or not image.is_floating_point():
-        got = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
-        raise ValueError(f"image must be a PIL image or a float tensor (B, 3, h, w) in [-1, 1], got {got}")
-    if image.numel() and (image.min() < -1.001 or image.max() > 1.001):
-        raise ValueError(f"the image tensor must be in [-1, 1] (got {image.min():.3g}..{image.max():.3g}): "
-                         "map [0, 1] images with 2 * x - 1, and clamp resampling overshoot")  # fmt: skip
+        return 2.0 * _pil_to_tensor(image) - 1.0  # (1, 3, h, w), [0, 1] -> [-1, 1]
+    _check_image_tensor(image, "superres")
     return image
 
 
@@ -420,14 +512,8 @@ def superres(m, image, *, num_inference_steps=None, eta=None, sampler=None, gene
     if decode_tile is not None or unet_tile is not None:
         m = TiledModel(m, decode_tile=decode_tile, unet_tile=unet_tile)
     low = low_res_image(image)
-    shape = (low.shape[0], m.latent_channels, *low.shape[-2:])
-    _check_tensor("latents", latents, shape)
-    _check_tensor("noise", noise, (s["num_inference_steps"], *shape))
-    _check_generator(generator, low.shape[0])
-
-    x_T = _initial_noise(m, shape, generator, latents)
+    s["height"], s["width"] = (side * m.downsample_factor for side in low.shape[-2:])  # latent = low's size
+    shape = _latent_shape(m, low.shape[0], s, generator, latents, noise)
     low = low.to(m.device, m.dtype)
-    z0, trace = _sample(
-        m, x_T, s, low, None, noise, generator, callback, progress, return_intermediates, None
-    )
-    return _output(m, z0, output_type, trace)
+    return _run(m, shape, low, None, s, generator, latents, noise, output_type, callback, progress,
+                return_intermediates)  # fmt: skip

@@ -23,6 +23,7 @@ import gzip
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -35,10 +36,10 @@ from weights_tools import compvis
 
 REFS = Path(__file__).parent / "compvis_refs"
 RELEASED = Path(__file__).parent / "realconfigs" / "compvis"
-# the zoo models checked here (celeba256, ffhq256, lsun_beds256, bsr_sr, text2img-large: test_compvis.py);
-# inpainting_big (attn_type none) and cin256 (in-level attention) need first-stage variants: not done yet.
-CONVERTED = {"cin256-v2": "class", "semantic_synthesis256": "semantic", "layout2img-openimages256": "layout",
-             "lsun_churches256": "unconditional"}  # fmt: skip
+# the zoo models checked here (celeba256, ffhq256, lsun_beds256, bsr_sr, text2img-large: test_compvis.py)
+CONVERTED = {"cin256-v2": "class", "cin256": "class", "semantic_synthesis256": "semantic",
+             "layout2img-openimages256": "layout", "lsun_churches256": "unconditional",
+             "inpainting_big": "inpaint"}  # fmt: skip
 
 
 def references(name: str):
@@ -65,13 +66,16 @@ def zoo(request, tmp_path_factory):
 
 def condition(m, name: str, refs: dict, meta: dict) -> torch.Tensor:
     """The UNet's cond as ldm_mini builds it from the reference's own inputs, checked on the way."""
-    if name == "cin256-v2":
+    if name.startswith("cin256"):
         for labels, context in [("class_labels", "context"), ("edge_labels", "edge_context")]:
             assert torch.equal(m.encode_class(refs[f"cond.{labels}"]), refs[f"cond.{context}"])
-        assert m.class_embedder.config.unconditional_class == 1000
+        # cin256-v2 learned a "no class" row (1001 classes) for guidance; the older cin256 has none
+        assert m.class_embedder.config.unconditional_class == (1000 if name == "cin256-v2" else None)
         return m.encode_class(refs["cond.class_labels"])
     if name == "lsun_churches256":
         return None
+    if name == "inpainting_big":  # built from an image the reference did not keep; test_inpaint_* builds one
+        return refs["eps.cond"]
     if name == "semantic_synthesis256":
         c = m.encode_segmentation(refs["cond.segmentation_labels"])
         assert (c - refs["cond.c"]).abs().max() <= 1e-5
@@ -105,6 +109,22 @@ def test_conditioning_and_eps_match_the_original(zoo):
         assert (m.predict_noise(x, 500, cond) - refs["eps.raw_t500"]).abs().max() > 1e-2  # EMA differs
 
 
+@torch.no_grad()
+def test_first_stage_matches_the_original(zoo):
+    """The LDM's first stage: encode_first_stage (VQ: the latent before quantisation; KL: the mode, times
+    the scale factor), decode_first_stage with and without the VQ's quantisation."""
+    name, m, _ = zoo
+    refs, _ = references(name)
+    if "first_stage.image" not in refs:
+        pytest.skip("no first-stage references for this model")
+    z = m.encode(refs["first_stage.image"], sample=False)
+    assert (z - refs["first_stage.z"]).abs().max() <= 1e-5
+    assert (m.decode(refs["first_stage.z"]) - refs["first_stage.decoded"]).abs().max() <= 1e-5
+    if "first_stage.decoded_noquant" in refs:
+        noquant = m.decode(refs["first_stage.z"], quantize=False)
+        assert (noquant - refs["first_stage.decoded_noquant"]).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("name", sorted(CONVERTED))
 def test_the_released_yaml_builds_the_released_checkpoints_keys(name):
     """At full size on the meta device: the released yaml's model takes exactly the state_dict the original
@@ -131,17 +151,23 @@ def test_class_conditional_samples_as_the_cin_notebook(zoo):
     (conditional only, and guided at 3.0 with the "no class" label 1000), eta 1 with the recorded step noise.
     Random-weight samples grow large (|z| ~ 50-95: README section 2), so compared relative to their size."""
     name, m, _ = zoo
-    if name != "cin256-v2":
-        pytest.skip("the class-conditional model only")
+    if not name.startswith("cin256"):
+        pytest.skip("the class-conditional models only")
     import ldm_mini
 
     refs, _ = references(name)
-    label = int(refs["cond.class_labels"][0])
-    assert m.recommended == {"steps": 20, "guidance": 3.0, "eta": 0.0, "sampler": "ddim"}  # the notebook's
-    runs = [("eta0", 1.0, 0.0, None), ("cfg_eta0", 3.0, 0.0, None), ("eta1", 1.0, 1.0, "ddim.eta1.noise")]
+    label, size = int(refs["cond.class_labels"][0]), m.downsample_factor * refs["ddim.eta0.x_T"].shape[-1]
+    runs = [("eta0", 1.0, 0.0, None), ("eta1", 1.0, 1.0, "ddim.eta1.noise")]
+    if name == "cin256-v2":  # the notebook's settings, and guidance by the "no class" label
+        assert m.recommended == {"steps": 20, "guidance": 3.0, "eta": 0.0, "sampler": "ddim"}
+        runs.append(("cfg_eta0", 3.0, 0.0, None))
+    else:  # no unconditional label: nothing to guide with, and the settings are the pipeline's defaults
+        assert m.recommended == {}
+        with pytest.raises(ValueError, match="no unconditional label"):
+            ldm_mini.class_conditional(m, [label], guidance_scale=3.0, progress=False)
     for run, scale, eta, noise in runs:
         z = ldm_mini.class_conditional(m, [label], num_inference_steps=5, guidance_scale=scale, eta=eta,
-                                       latents=refs[f"ddim.{run}.x_T"], height=64, width=64,
+                                       latents=refs[f"ddim.{run}.x_T"], height=size, width=size,
                                        output_type="latent", noise=refs[noise] if noise else None,
                                        progress=False)  # fmt: skip
         ref = refs[f"ddim.{run}.samples"]
@@ -154,7 +180,7 @@ def test_semantic_layout_and_unconditional_sample_as_the_original_ddim(zoo):
     DDIMSampler.sample
     (5 steps, eta 0, and eta 1 with the recorded step noise), relative to the samples' size (as above)."""
     name, m, _ = zoo
-    if name == "cin256-v2":
+    if name.startswith("cin256") or name == "inpainting_big":
         pytest.skip("the semantic, layout and unconditional models")
     import ldm_mini
 
@@ -178,3 +204,60 @@ def test_semantic_layout_and_unconditional_sample_as_the_original_ddim(zoo):
         assert (z - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item()), run
         if f"ddim.{run}.decoded" in refs:  # the VQ decode of the original's sample (quantised first)
             assert (m.decode(ref) - refs[f"ddim.{run}.decoded"]).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_inpaint_is_scripts_inpaint_py(zoo):
+    """ldm_mini.inpaint on the script's PNGs (inpaint.image_u8, inpaint.mask_u8) = scripts/inpaint.py run by
+    the original: the mask's binarisation at 0.5, the condition (the masked image's latent and the -1/+1
+    mask), 5 DDIM steps from the recorded x_T, the composite, and the saved PNG's uint8 truncation."""
+    name, m, _ = zoo
+    if name != "inpainting_big":
+        pytest.skip("the inpainting model only")
+    import PIL.Image
+
+    import ldm_mini
+    from ldm_mini.pipeline import inpaint_inputs
+
+    refs, _ = references(name)
+    values = np.zeros((4, 8), np.uint8)  # the 6 probed mask values in a 4 x 8 image (multiples of f = 4)
+    values[0, :6] = refs["inpaint.threshold_in"].numpy()
+    _, binary = inpaint_inputs(m, PIL.Image.new("RGB", (8, 4)), PIL.Image.fromarray(values, mode="L"))
+    assert torch.equal(binary[0, 0, 0, :6], refs["inpaint.threshold_out"])  # 127 -> 0, 128 -> 1
+
+    image = PIL.Image.fromarray(refs["inpaint.image_u8"].numpy(), mode="RGB")
+    mask = PIL.Image.fromarray(refs["inpaint.mask_u8"].numpy(), mode="L")
+    c = m.inpaint_condition(*inpaint_inputs(m, image, mask))
+    assert (c[:, :-1] - refs["inpaint.c_masked_latent"]).abs().max() <= 1e-5
+    assert torch.equal(c[:, -1:], refs["inpaint.c_mask"])
+    settings = dict(num_inference_steps=5, latents=refs["inpaint.x_T"], progress=False)
+    z = ldm_mini.inpaint(m, image, mask, output_type="latent", **settings)
+    ref = refs["inpaint.samples"]
+    assert (z - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
+    out = ldm_mini.inpaint(m, image, mask, output_type="pt", **settings)  # the composite in [0, 1]
+    assert (out - refs["inpaint.inpainted"]).abs().max() <= 1e-5
+    keep = refs["inpaint.mask_u8"] < 128
+    assert torch.equal(
+        (out[0].permute(1, 2, 0) * 255).floor().to(torch.uint8)[keep], refs["inpaint.image_u8"][keep]
+    )  # fmt: skip (the kept pixels are the input's)
+    png = ldm_mini.inpaint(m, image, mask, **settings)[0]
+    assert torch.equal(torch.from_numpy(np.asarray(png)), refs["inpaint.inpainted_u8"])
+
+
+def test_inpaint_refuses_bad_masks_before_any_compute(zoo):
+    name, m, _ = zoo
+    if name != "inpainting_big":
+        pytest.skip("the inpainting model only")
+    import ldm_mini
+
+    image, mask = torch.zeros(1, 3, 64, 64), torch.ones(1, 1, 64, 64)
+    for bad, match in [(mask[..., :32], "must be \\(B, 1, H, W\\)"), (mask * 0.5, "must be binary"),
+                       (mask[:, 0], "must be \\(B, 1, H, W\\)")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            ldm_mini.inpaint(m, image, bad, progress=False)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        ldm_mini.inpaint(m, image[..., :62], mask[..., :62], progress=False)
+    with pytest.raises(ValueError, match="in \\[-1, 1\\]"):
+        ldm_mini.inpaint(m, image + 3, mask, progress=False)
+    with pytest.raises(ValueError, match="latents must be a tensor of shape \\(1, 3, 16, 16\\)"):
+        ldm_mini.inpaint(m, image, mask, latents=torch.zeros(1, 3, 8, 8), progress=False)
