@@ -26,6 +26,7 @@ Exit codes: 0 done; 1 a failure while running (verify: a stage failed); 2 a bad 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -35,6 +36,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import pipeline, samplers
@@ -44,8 +46,20 @@ from .verify import DEFAULT_PROMPT
 
 DEFAULT_OUT = "outputs"
 MAX_IMAGES = 100_000  # -n: more is surely a typo (and the list of output names alone would fill memory)
-KINDS = {"txt2img": "txt2img", "sample": "unconditional", "upscale": "superres"}  # command -> model kind
-PIPELINES = {"txt2img": pipeline.txt2img, "sample": pipeline.unconditional, "upscale": pipeline.superres}
+KINDS = {
+    "txt2img": "txt2img",
+    "sample": "unconditional",
+    "upscale": "superres",
+    "class": "class",
+    "inpaint": "inpaint",
+    "semantic": "semantic",
+    "layout": "layout",
+}  # command -> model kind
+PIPELINES = {"txt2img": pipeline.txt2img, "sample": pipeline.unconditional, "upscale": pipeline.superres,
+             "class": pipeline.class_conditional, "inpaint": pipeline.inpaint,
+             "semantic": pipeline.semantic_synthesis, "layout": pipeline.layout_to_image}  # fmt: skip
+GUIDED = ("txt2img", "class")  # the commands with --guidance
+SIZED = ("txt2img", "sample", "class", "layout")  # with --height/--width (the others: the input's size)
 # the pipelines' argument names -> the command line's flags, for their error messages
 FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "eta": "--eta",
          "sampler": "--sampler", "sigmas": "--sigmas", "height": "--height", "width": "--width"}  # fmt: skip
@@ -53,6 +67,10 @@ EXAMPLES = {
     "txt2img": 'ldm-mini txt2img "a red circle above a blue square" -n 2 --steps 20 --guidance 4 --seed 0',
     "sample": "ldm-mini sample --weights CompVis/ldm-celebahq-256 --steps 200 -n 4",
     "upscale": "ldm-mini upscale small.png --weights CompVis/ldm-super-resolution-4x-openimages --eta 1",
+    "class": "ldm-mini class 207 --weights cin256-v2.safetensors -n 4   (207: golden retriever)",
+    "inpaint": "ldm-mini inpaint photo.png mask.png --weights inpainting_big.safetensors   (white = fill)",
+    "semantic": "ldm-mini semantic labels.png --weights semantic_synthesis256.safetensors",
+    "layout": "ldm-mini layout boxes.json --weights layout2img-openimages256.safetensors --steps 200",
     "info": "ldm-mini info celebahq.safetensors",
     "verify": "ldm-mini verify text2im.safetensors --steps 5\n"
     "  ldm-mini verify text2im.safetensors --reference ./ldm-text2im-large-256  (checks the conversion too)",
@@ -142,11 +160,11 @@ def save_png(image, path: Path, fields: dict, force: bool) -> None:
 
 
 # --- txt2img, sample, upscale -----------------------------------------------------------------------
-def prepare(args, parser) -> tuple[Path, object, dict, dict, list[Path], list[int]]:
+def prepare(args, parser) -> tuple[Path, tuple, dict, dict, list[Path], list[int]]:
     """Every check before any weight is read.
 
-    -> (file, the pipeline's first argument (prompt, batch size 1 or image), its other arguments,
-    the PNG text fields, the output paths, the seeds)."""
+    -> (file, the pipeline's positional arguments after the model (a prompt, a batch size of 1, an image and
+    a mask, ...), its other arguments, the PNG text fields, the output paths, the seeds)."""
     kind = KINDS[args.command]
     if not 1 <= args.num_images <= MAX_IMAGES:
         parser.error(f"-n/--num-images must be >= 1 and at most {MAX_IMAGES:,}, got {args.num_images}")
@@ -163,9 +181,9 @@ def prepare(args, parser) -> tuple[Path, object, dict, dict, list[Path], list[in
         use = {v: k for k, v in KINDS.items()}[m.kind]
         parser.error(f"{path.name} holds a model of kind {m.kind!r}, not {kind!r}: use `ldm-mini {use}`")
     given = dict(num_inference_steps=args.steps, eta=args.eta, sampler=args.sampler, sigmas=args.sigmas)
-    if kind == "txt2img":
+    if args.command in GUIDED:
         given["guidance_scale"] = args.guidance
-    if kind != "superres":
+    if args.command in SIZED:
         given.update(height=args.height, width=args.width)
     try:  # the pipeline's own resolution and checks: the file's recommended settings, the trained size
         s = pipeline.settings(m, kind, **given)
@@ -177,29 +195,85 @@ def prepare(args, parser) -> tuple[Path, object, dict, dict, list[Path], list[in
                   sampler=s["sampler"])  # fmt: skip
     if args.sigmas is not None:
         fields["sigmas"] = args.sigmas
-    if kind == "txt2img":
+    if args.command in GUIDED:
         fields["guidance"] = s["guidance_scale"]
-        if m.tokenizer is None:
-            parser.error(f"{path.name} has no tokenizer (it takes token ids): use the Python API")
-        first, fields["prompt"], stem = args.prompt, args.prompt, slug(args.prompt)
-    elif kind == "superres":
-        from PIL import Image
-
-        try:
-            with warnings.catch_warnings():  # PIL's warning at 89M pixels, its error at twice that
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                first = Image.open(args.image).convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            parser.error(f"cannot read the image {args.image}: {e}")
-        if min(first.size) < 32:
-            parser.error(f"{args.image} is {first.size[0]}x{first.size[1]}: the input must be at least 32x32")
-        fields["image"], stem = args.image, f"{slug(Path(args.image).stem)}-x{m.downsample_factor}"
-    else:
-        first, stem = 1, "sample"  # batch size 1: one pipeline call per seed
+    try:  # the pipeline's inputs, checked by the same code as a Python call's, on the meta-device model
+        first, stem = inputs(args, path, m, s, fields, parser)
+    except ValueError as e:
+        parser.error(str(e))
 
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     seeds = [seed + i for i in range(args.num_images)]
     return path, first, call, fields, output_paths(args.out, stem, seeds, args.force, parser), seeds
+
+
+def inputs(args, path: Path, m, s: dict, fields: dict, parser) -> tuple[tuple, str]:
+    """The pipeline's positional arguments for one image, read from the command line's files and checked
+    against the model (on the meta device: nothing is computed), and the output files' stem. Records the
+    inputs in the PNG's text fields."""
+    if args.command == "txt2img":
+        if m.tokenizer is None:
+            parser.error(f"{path.name} has no tokenizer (it takes token ids): use the Python API")
+        fields["prompt"] = args.prompt
+        return (args.prompt,), slug(args.prompt)
+    if args.command == "sample":
+        return (1,), "sample"  # batch size 1: one pipeline call per seed
+    if args.command == "upscale":
+        image = read_image(args.image, "RGB", parser)
+        if min(image.size) < 32:
+            parser.error(f"{args.image} is {image.size[0]}x{image.size[1]}: the input must be at least 32x32")
+        fields["image"] = args.image
+        return (image,), f"{slug(Path(args.image).stem)}-x{m.downsample_factor}"
+    if args.command == "class":
+        m.encode_class([args.label])  # the label's range
+        pipeline.unconditional_label(m, s["guidance_scale"])  # guidance needs the "no class" label
+        fields["class"] = args.label
+        return ([args.label],), f"class{args.label}"
+    if args.command == "inpaint":
+        image, mask = read_image(args.image, "RGB", parser), read_image(args.mask, "L", parser)
+        pipeline.inpaint_inputs(m, image, mask)  # sizes
+        fields.update(image=args.image, mask=args.mask)
+        return (image, mask), f"{slug(Path(args.image).stem)}-inpainted"
+    if args.command == "semantic":
+        labels = read_image(args.segmentation, None, parser)
+        if labels.mode not in ("L", "P", "I", "I;16"):
+            parser.error(f"{args.segmentation} is a {labels.mode} image: a label map is a one-channel PNG "
+                         "whose pixel values are the class ids (mode L, P or I)")  # fmt: skip
+        segmentation = torch.from_numpy(np.asarray(labels).astype(np.int64))[None]  # (1, H, W)
+        m.encode_segmentation(segmentation)  # the classes and the size
+        fields["segmentation"] = args.segmentation
+        return (segmentation,), slug(Path(args.segmentation).stem)
+    layout = read_layout(args.layout, parser)
+    m.layout_tokens([layout])  # every class and box
+    fields["layout"] = json.dumps(layout)
+    return (layout,), slug(Path(args.layout).stem)
+
+
+def read_image(path: str, mode: str | None, parser):
+    """A PIL image in `mode` (None: as stored), or exit 2 naming the file and what is wrong with it."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():  # PIL's warning at 89M pixels, its error at twice that
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            image.load()
+            return image if mode is None else image.convert(mode)
+    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        parser.error(f"cannot read the image {path}: {e}")
+
+
+def read_layout(path: str, parser) -> list:
+    """A layout file: JSON, one image's objects, each [class, [x0, y0, w, h]] or [class, [x0, y0, w, h],
+    is_group_of], box coordinates relative to the image in [0, 1] (conditioning.LayoutTokenizer)."""
+    try:
+        layout = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        parser.error(f"cannot read the layout {path}: {e}")
+    if not isinstance(layout, list) or not all(isinstance(o, list) and len(o) in (2, 3) for o in layout):
+        parser.error(f"{path}: a layout is a JSON list of objects [class, [x0, y0, w, h]] (optionally with "
+                     "is_group_of as a third entry), e.g. [[5, [0.1, 0.2, 0.5, 0.4]]]")  # fmt: skip
+    return [(o[0], tuple(o[1]) if isinstance(o[1], list) else o[1], *o[2:]) for o in layout]
 
 
 def run_sampling(args, parser) -> int:
@@ -212,7 +286,7 @@ def run_sampling(args, parser) -> int:
             print(f"image {i + 1}/{len(seeds)}, seed {seed}", file=sys.stderr)
         generator = torch.Generator().manual_seed(seed)  # on the CPU: the same image on every device
         try:  # the pipelines check their arguments before computing anything
-            image = fn(m, first, generator=generator, **call)[0]  # tqdm bar over the steps
+            image = fn(m, *first, generator=generator, **call)[0]  # tqdm bar over the steps
         except ValueError as e:
             parser.error(str(e))
         except (MemoryError, RuntimeError) as e:  # out of memory, or a non-finite image the pipeline refused
@@ -305,7 +379,7 @@ def add_sampling_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--weights", help="converted .safetensors file, embedded name or hub id (default: shapes)")
     p.add_argument("--steps", type=int, help="sampling steps, the pipelines' num_inference_steps "
                    + default("num_inference_steps", "steps"))  # fmt: skip
-    if command == "txt2img":
+    if command in GUIDED:
         p.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1: none "
                        + default("guidance_scale", "guidance"))  # fmt: skip
     p.add_argument("--eta", type=float, help="DDIM eta: 0 deterministic (default), 1 DDPM-like")
@@ -317,7 +391,7 @@ def add_sampling_options(p: argparse.ArgumentParser, command: str) -> None:
         "--seed", type=int, help="seed of the first image; image i uses seed + i (default: random)"
     )
     p.add_argument("-n", "--num-images", type=int, default=1, help="how many images (default 1)")
-    if command != "upscale":
+    if command in SIZED:
         p.add_argument("--height", type=int, help="in pixels (default: the size the model was trained at)")
         p.add_argument("--width", type=int, help="in pixels (default: the size the model was trained at)")
     p.add_argument("--out", help=f"a folder or a .png file (default: {DEFAULT_OUT}/, where a taken name is "
@@ -354,6 +428,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("upscale", "Super-resolution of an image (ldm-super-resolution-4x-openimages: 4x).")
     p.add_argument("image", help="the low-resolution image (cut down to a multiple of 32 pixels)")
     add_sampling_options(p, "upscale")
+    p = command("class", "Class-conditional samples (cin256-v2: an ImageNet class, guided by 'no class').")
+    p.add_argument("label", type=int, help="the class id (ImageNet: 0 .. 999)")
+    add_sampling_options(p, "class")
+    p = command("inpaint", "Fill the masked part of an image (inpainting_big, as scripts/inpaint.py).")
+    p.add_argument("image", help="the image (RGB; sides multiples of 32 for the released model)")
+    p.add_argument("mask", help="the mask, the image's size: white (>= 128) = fill, black = keep")
+    add_sampling_options(p, "inpaint")
+    p = command("semantic", "An image from a segmentation map (semantic_synthesis256: landscapes).")
+    p.add_argument("segmentation", help="a label map: one-channel PNG, pixel value = class id")
+    add_sampling_options(p, "semantic")
+    p = command("layout", "An image from a layout of boxes (layout2img-openimages256).")
+    p.add_argument("layout", help="a JSON file: [[class, [x0, y0, w, h]], ...], coordinates in [0, 1]")
+    add_sampling_options(p, "layout")
 
     p = command("info", "Show what a weight file holds: kind, configs, parameters, dtype, size.")
     p.add_argument("file", help="converted .safetensors file, embedded name or hub id")
@@ -394,7 +481,7 @@ def run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error("choose a command: txt2img, sample, upscale, info or verify (see --help)")
+        parser.error(f"choose a command: {', '.join([*KINDS, 'info', 'verify'])} (see --help)")
     if args.command in KINDS:
         return run_sampling(args, args.parser)
     return {"info": run_info, "verify": run_verify}[args.command](args, args.parser)

@@ -29,6 +29,9 @@ Where diffusers is wrong, ldm_mini is right:
   - LMS: LDMTextToImagePipeline never applies the scheduler's init_noise_sigma / scale_model_input,
     so LMS through it is wrong; samplers.lms does both. (LDMSuperResolutionPipeline does apply
     scale_model_input, but to the concatenation, scaling the low-res image too; here only z_t.)
+  - inpaint's PNG: scripts/inpaint.py truncates the composite to uint8 (astype), which puts about one in
+    five KEPT pixel values one level below the input's; here it is rounded, as every pipeline's, and the
+    kept pixels are the input's exactly (the float composite is the script's: output_type "pt" / "np").
   - VQ latents: LDMPipeline divides by vqvae.config.scaling_factor, 0.18215 when the config lacks the key
     (diffusers issue 6725); here m.decode divides by m.scale_factor, 1.0 for the VQ models of the paper.
 The timestep conventions of the weights' source (m.schedule) can be overridden per call: steps_offset,
@@ -202,7 +205,7 @@ def _output(m, z0, output_type, trace, keep=None):
 
     keep: (image, mask), image (B, 3, H, W) in [0, 1] and mask (B, 1, H, W) with 1 = filled: inpainting's
     final composite (1 - mask) * image + mask * sample (scripts/inpaint.py), so the kept pixels are the
-    input's exactly; its PNGs truncate to uint8 as the script's astype(np.uint8) does, the others round."""
+    input's."""
     out = z0 if output_type == "latent" else m.decode(z0)  # D(z0 / scale_factor) in [-1, 1]
     if not torch.isfinite(out).all():  # clamp would turn NaN into a black picture that looks like a result
         raise RuntimeError("the sample has NaN or infinite values: the weights or a setting overflowed "
@@ -215,9 +218,7 @@ def _output(m, z0, output_type, trace, keep=None):
         if output_type != "pt":
             out = out.permute(0, 2, 3, 1).float().cpu().numpy()  # (B, H, W, 3)
         if output_type == "pil":
-            pixels = out * 255
-            pixels = pixels.round() if keep is None else np.floor(pixels)  # floor = astype's truncation
-            out = [PIL.Image.fromarray(a) for a in pixels.astype(np.uint8)]
+            out = [PIL.Image.fromarray(a) for a in (out * 255).round().astype(np.uint8)]
     return out if trace is None else (out, trace)
 
 
@@ -462,10 +463,11 @@ def inpaint(m, image, mask, *, num_inference_steps=None, eta=None, sampler=None,
     (white = fill) or a tensor (B, 1, H, W), 1 = fill, 0 = keep (see inpaint_inputs); H, W multiples of the
     autoencoder factor (and, for the CompVis UNet, of 32).
 
-    The condition m.inpaint_condition(image, mask) (the masked image's latent and the mask, concatenated to
-    z_t at every step) guides an unguided sampler; the result is the script's composite (1 - mask) * image +
-    mask * sample, so the kept pixels are the input's. The script samples 50 DDIM steps, eta 0 (the defaults
-    here). output_type "latent" returns the sampled latent (no composite). Others as txt2img."""
+    The condition m.inpaint_condition(image, mask) (the masked image's latent and the mask) is concatenated
+    to z_t at every step, without guidance; the result is the script's composite (1 - mask) * image + mask *
+    sample, so the kept pixels are the input's (its PNG: rounded, not truncated as the script's; see
+    the module docstring). The script samples 50 DDIM steps, eta 0 (the defaults here). output_type
+    "latent" returns the sampled latent (no composite). Others as txt2img."""
     s = settings(m, "inpaint", num_inference_steps=num_inference_steps, eta=eta, sampler=sampler,
                  steps_offset=steps_offset, set_alpha_to_one=set_alpha_to_one,
                  timestep_spacing=timestep_spacing, sigmas=sigmas, noise=noise,

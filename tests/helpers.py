@@ -13,6 +13,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ldm_mini.autoencoder import AutoencoderConfig, build_autoencoder
+from ldm_mini.bert import LDMBert, LDMBertConfig
+from ldm_mini.conditioning import (
+    ClassEmbedder,
+    ClassEmbedderConfig,
+    LayoutTokenizer,
+    SpatialRescaler,
+    SpatialRescalerConfig,
+)
+from ldm_mini.model import LatentDiffusion
+from ldm_mini.schedule import ScheduleConfig
+from ldm_mini.unet import UNet, UNetConfig
+
 # a small WordPiece vocabulary: specials, then words and ## pieces (ids in file order)
 WORDS = [
     "[PAD]",
@@ -236,3 +249,33 @@ def fp16_variant(folder: Path) -> None:
         state = {k: v.half() for k, v in load_file(str(path)).items()}
         save_file(state, str(path.with_name(path.stem + ".fp16.safetensors")))
         path.unlink()
+
+
+# --- tiny ldm_mini models of every kind (model.KINDS), built directly -------------------------------------
+
+TINY_AE = AutoencoderConfig(kind="vq", ch=64, ch_mult=(1, 1, 1), z_channels=3, embed_dim=3, n_embed=16)
+TINY_SCHEDULE = ScheduleConfig()
+
+
+def tiny_model(kind: str):
+    """A tiny random ldm_mini LatentDiffusion of any kind: VQ f4 (32 px images, 8x8 latents), 2 UNet levels,
+    the kind's own conditioning encoder (11 classes with "no class" 10; 5 segmentation classes; layouts)."""
+    torch.manual_seed(0)
+    crossattn = {"txt2img", "layout", "class"}
+    extra = {"semantic": 3, "inpaint": 4, "superres": 3}.get(kind, 0)
+    unet = UNet(UNetConfig(in_channels=3 + extra, out_channels=3, model_channels=64, channel_mult=(1, 1),
+                           num_res_blocks=1, attention_resolutions=(2,), num_heads=2,
+                           context_dim=16 if kind in crossattn else None, image_size=8))  # fmt: skip
+    encoders = {}
+    if kind in ("txt2img", "layout"):
+        encoders["text_encoder"] = LDMBert(
+            LDMBertConfig(vocab_size=8192, max_seq_len=92, n_embed=16, n_layer=1, ffn_dim=32)
+        )
+    if kind == "layout":
+        encoders["layout_tokenizer"] = LayoutTokenizer()
+    if kind == "class":
+        encoders["class_embedder"] = ClassEmbedder(ClassEmbedderConfig(n_classes=11, embed_dim=16,
+                                                                       unconditional_class=10))  # fmt: skip
+    if kind == "semantic":
+        encoders["segmentation_encoder"] = SpatialRescaler(SpatialRescalerConfig(in_channels=5))
+    return LatentDiffusion(kind, unet, build_autoencoder(TINY_AE), TINY_SCHEDULE, 1.0, **encoders).eval()

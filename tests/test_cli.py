@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import randomize_, save_pipeline, tiny_superres, tiny_txt2img, tiny_unconditional
+from helpers import randomize_, save_pipeline, tiny_model, tiny_superres, tiny_txt2img, tiny_unconditional
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -224,7 +224,9 @@ def test_existing_output_is_kept_without_force(tiny, tmp_path, capsys):
     assert main([*argv, "--force"]) == 0 and Image.open(out).size == (16, 16)
 
 
-@pytest.mark.parametrize("command", ["txt2img", "sample", "upscale", "info", "verify"])
+@pytest.mark.parametrize(
+    "command", ["txt2img", "sample", "upscale", "class", "inpaint", "semantic", "layout", "info", "verify"]
+)
 def test_every_help_has_an_example(command, capsys):
     assert exit_code([command, "--help"]) == 0
     assert "example:\n  ldm-mini " + command in capsys.readouterr().out
@@ -367,3 +369,99 @@ def test_help_shows_the_real_defaults(capsys):
         "(2.0 for the embedded shapes model), else 1.0" in text
         and "(20 for the embedded shapes model), else 50" in text
     )
+
+
+# --- the task commands of the CompVis zoo: class, inpaint, semantic, layout --------------------------------
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """kind -> a weight file of a tiny model of that kind (helpers.tiny_model: 32 px images), and inputs."""
+    tmp = tmp_path_factory.mktemp("zoo")
+    files = {kind: ldm_mini.save(tiny_model(kind), tmp / f"{kind}.safetensors")
+             for kind in ("class", "inpaint", "semantic", "layout")}  # fmt: skip
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp / "photo.png")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 4:20] = 255
+    Image.fromarray(mask).save(tmp / "mask.png")
+    Image.fromarray(rng.integers(0, 5, (32, 32), dtype=np.uint8)).save(tmp / "labels.png")  # 5 classes
+    (tmp / "boxes.json").write_text(
+        json.dumps([[3, [0.1, 0.2, 0.5, 0.4]], [7, [0.5, 0.5, 0.25, 0.25], True]])
+    )
+    return files, tmp
+
+
+ZOO_COMMANDS = {  # command -> (kind, its inputs, the Python call it must equal, its inputs there)
+    "class": ("class", ["4", "--guidance", "2"], lambda m, t, **kw: ldm_mini.class_conditional(
+        m, [4], guidance_scale=2.0, **kw)),
+    "inpaint": ("inpaint", ["{t}/photo.png", "{t}/mask.png"], lambda m, t, **kw: ldm_mini.inpaint(
+        m, Image.open(t / "photo.png"), Image.open(t / "mask.png"), **kw)),
+    "semantic": ("semantic", ["{t}/labels.png"], lambda m, t, **kw: ldm_mini.semantic_synthesis(
+        m, torch.from_numpy(np.asarray(Image.open(t / "labels.png")).astype(np.int64))[None], **kw)),
+    "layout": ("layout", ["{t}/boxes.json"], lambda m, t, **kw: ldm_mini.layout_to_image(
+        m, [(3, (0.1, 0.2, 0.5, 0.4)), (7, (0.5, 0.5, 0.25, 0.25), True)], **kw)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", sorted(ZOO_COMMANDS))
+def test_task_commands_write_the_python_calls_image(zoo, command, tmp_path, capsys):
+    files, t = zoo
+    kind, args, call = ZOO_COMMANDS[command]
+    argv = [command, *(a.format(t=t) for a in args), "--weights", str(files[kind]), "--steps", "3",
+            "--seed", "5", "-n", "2", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    paths = written(capsys.readouterr().out)
+    assert len(paths) == 2 and all(p.parent == tmp_path for p in paths)
+    m = ldm_mini.load(files[kind])
+    for seed, path in zip((5, 6), paths, strict=True):
+        png = Image.open(path)
+        assert png.text["model"] == kind and png.text["seed"] == str(seed) and png.text["steps"] == "3"
+        want = call(m, t, num_inference_steps=3, generator=torch.manual_seed(seed), progress=False)[0]
+        assert np.array_equal(np.asarray(png), np.asarray(want)), (command, seed)
+    if command == "class":
+        assert png.text["class"] == "4" and png.text["guidance"] == "2.0"
+    if command == "inpaint":  # the kept pixels are the photo's
+        keep = np.asarray(Image.open(t / "mask.png")) < 128
+        assert np.array_equal(np.asarray(png)[keep], np.asarray(Image.open(t / "photo.png"))[keep])
+
+
+def write(path: Path, array: np.ndarray) -> str:
+    Image.fromarray(array).save(path)
+    return str(path)
+
+
+def test_task_commands_refuse_bad_inputs_before_reading_weights(zoo, tmp_path, monkeypatch, capsys):
+    """Each a one-line message and exit 2, with the weights never loaded (load is replaced by a failure)."""
+    import ldm_mini.__main__ as cli
+
+    files, t = zoo
+    monkeypatch.setattr(cli, "load", lambda *a, **k: pytest.fail("weights were read"))
+    photo, mask = str(t / "photo.png"), str(t / "mask.png")
+    (tmp_path / "outside.json").write_text("[[3, [0.8, 0.2, 0.5, 0.4]]]")
+    (tmp_path / "flat.json").write_text("[3, 0.8, 0.2]")
+    (tmp_path / "class99.json").write_text("[[99999, [0.1, 0.1, 0.2, 0.2]]]")
+    cases = [
+        (["class", "11"], "class", "class label 11 is out of range: this model has classes 0 .. 10"),
+        (["class", "-1"], "class", "class label -1 is out of range"),
+        (["class", "3", "--height", "30"], "class", "multiples of 4"),
+        (["inpaint", photo, write(tmp_path / "small.png", np.zeros((16, 32), np.uint8))], "inpaint",
+         "the mask must be (B, 1, H, W) = (1, 1, 32, 32)"),
+        (["inpaint", write(tmp_path / "odd.png", np.zeros((30, 30, 3), np.uint8)),
+          write(tmp_path / "oddmask.png", np.zeros((30, 30), np.uint8))], "inpaint", "multiples of 4"),
+        (["inpaint", photo, str(tmp_path / "missing.png")], "inpaint", "cannot read the image"),
+        (["inpaint", photo, mask, "--guidance", "2"], "inpaint", "unrecognized arguments: --guidance"),
+        (["semantic", write(tmp_path / "nine.png", np.full((32, 32), 9, np.uint8))], "semantic",
+         "this model knows 5 classes, 0 .. 4"),
+        (["semantic", photo], "semantic", "a label map is a one-channel PNG"),
+        (["semantic", write(tmp_path / "s30.png", np.zeros((30, 32), np.uint8))], "semantic",
+         "multiples of"),
+        (["layout", str(tmp_path / "outside.json")], "layout", "is not inside the image"),
+        (["layout", str(tmp_path / "flat.json")], "layout", "a layout is a JSON list of objects"),
+        (["layout", str(tmp_path / "class99.json")], "layout", "99999"),
+        (["layout", photo], "layout", "cannot read the layout"),
+        (["class", "3"], "inpaint", "holds a model of kind 'inpaint', not 'class': use `ldm-mini inpaint`"),
+    ]  # fmt: skip
+    for argv, kind, message in cases:
+        assert exit_code([*argv, "--weights", str(files[kind]), "--out", str(tmp_path)]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err, (argv, err)
+    assert not list(tmp_path.glob("*-*.png"))  # nothing written

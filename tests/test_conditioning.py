@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_AE as AE
+from helpers import TINY_SCHEDULE as SCHEDULE
+from helpers import tiny_model as tiny
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ldm_mini.autoencoder import AutoencoderConfig, build_autoencoder
+from ldm_mini.autoencoder import build_autoencoder
 from ldm_mini.bert import LDMBert, LDMBertConfig
 from ldm_mini.conditioning import (
     ClassEmbedder,
@@ -28,8 +31,6 @@ from ldm_mini.conditioning import (
 from ldm_mini.loading import load_file as load_model
 from ldm_mini.loading import save
 from ldm_mini.model import KINDS, LatentDiffusion
-from ldm_mini.schedule import ScheduleConfig
-from ldm_mini.unet import UNet, UNetConfig
 from weights_tools.compvis import bert_modules, translate
 
 REFS = Path(__file__).parent / "compvis_refs"
@@ -102,31 +103,7 @@ def test_layout_tokenizer_rejects_bad_layouts():
     assert tok([[]])[0, :90].eq(8191).all()  # an empty layout: every slot "none", then the crop
 
 
-# --- the one mechanism: tiny models of every kind ---------------------------------------------------
-AE = AutoencoderConfig(kind="vq", ch=64, ch_mult=(1, 1, 1), z_channels=3, embed_dim=3, n_embed=16)
-SCHEDULE = ScheduleConfig()
-
-
-def tiny(kind: str) -> LatentDiffusion:
-    torch.manual_seed(0)
-    crossattn = {"txt2img", "layout", "class"}
-    extra = {"semantic": 3, "inpaint": 4, "superres": 3}.get(kind, 0)
-    unet = UNet(UNetConfig(in_channels=3 + extra, out_channels=3, model_channels=64, channel_mult=(1, 1),
-                           num_res_blocks=1, attention_resolutions=(2,), num_heads=2,
-                           context_dim=16 if kind in crossattn else None, image_size=8))  # fmt: skip
-    encoders = {}
-    if kind in ("txt2img", "layout"):
-        encoders["text_encoder"] = LDMBert(
-            LDMBertConfig(vocab_size=8192, max_seq_len=92, n_embed=16, n_layer=1, ffn_dim=32)
-        )
-    if kind == "layout":
-        encoders["layout_tokenizer"] = LayoutTokenizer()
-    if kind == "class":
-        encoders["class_embedder"] = ClassEmbedder(ClassEmbedderConfig(n_classes=11, embed_dim=16,
-                                                                       unconditional_class=10))  # fmt: skip
-    if kind == "semantic":
-        encoders["segmentation_encoder"] = SpatialRescaler(SpatialRescalerConfig(in_channels=5))
-    return LatentDiffusion(kind, unet, build_autoencoder(AE), SCHEDULE, 1.0, **encoders).eval()
+# --- the one mechanism: tiny models of every kind (helpers.tiny_model) ------------------------------------
 
 
 def cond_of(m: LatentDiffusion, b: int = 2):
