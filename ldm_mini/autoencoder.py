@@ -10,7 +10,9 @@ VAE   Kingma & Welling 2014, arXiv:1312.6114: reparameterised sample z = mu + si
       diagonal Gaussian to N(0, I) in closed form (Appendix B).
 VQ    van den Oord et al. 2017, arXiv:1711.00937: z_q = e_k with k = argmin_j ||z_e - e_j||_2 (Eq. 1-2).
 The network is the VQGAN/LDM convolutional encoder/decoder (CompVis `diffusionmodules/model.py`): ResNet
-blocks, one single-head self-attention in the middle, stride-2 convs down and nearest-neighbour x2 up.
+blocks, a single-head self-attention in the middle (none in vq-f4-noattn), more of them after every ResNet
+block of the low-resolution levels in kl-f16/f32 and vq-f8/f16 (`attn_resolutions`), stride-2 convs down and
+nearest-neighbour x2 up.
 Images are (B, 3, H, W) in [-1, 1]. State-dict keys are diffusers' AutoencoderKL / VQModel names, but for
 the attention's to_out (diffusers' to_out.0, see loading.DIFFUSERS_RENAMES).
 """
@@ -36,8 +38,12 @@ class AutoencoderConfig:
     embed_dim: int = 4  # latent channels after quant_conv (diffusers latent_channels)
     n_embed: int = 0  # VQ codebook size (0 for KL)
     norm_num_groups: int = 32
-    # CompVis also has attn_resolutions (extra attention inside the levels); it is [] in every published
-    # first-stage model and diffusers' DownEncoderBlock2D has none, so it is not supported here.
+    # In-level attention (CompVis ddconfig names): level L is said to work at resolution / 2^L, the image side
+    # it had in training, whatever the input size now; each level whose side is in attn_resolutions follows
+    # every ResnetBlock with a SelfAttention (diffusers: AttnDownEncoderBlock2D / AttnUpDecoderBlock2D).
+    resolution: int = 256
+    attn_resolutions: tuple[int, ...] = ()  # e.g. (32,) for vq-f8: level 3 of 4 (256 / 2^3 = 32)
+    mid_attention: bool = True  # False: no mid-block attention (vq-f4-noattn; CompVis attn_type "none")
 
 
 KL_F8 = AutoencoderConfig()  # ldm-text2im-large-256: 8x downsampling, 4 latent channels
@@ -67,6 +73,18 @@ def check_config(cfg: AutoencoderConfig) -> None:
             f"GroupNorm needs channels divisible by norm_num_groups={cfg.norm_num_groups}, but "
             f"ch * ch_mult gives {bad}: change ch, ch_mult or norm_num_groups."
         )
+    sides = [cfg.resolution // 2**i for i in range(len(cfg.ch_mult))]
+    if cfg.resolution < 1 or not set(cfg.attn_resolutions) <= set(sides):
+        raise ValueError(
+            f"attn_resolutions {cfg.attn_resolutions} must be among the level sides resolution / 2^level = "
+            f"{sides} (resolution={cfg.resolution}): no level works at "
+            f"{sorted(set(cfg.attn_resolutions) - set(sides))}."
+        )
+
+
+def attention_levels(cfg: AutoencoderConfig) -> list[bool]:
+    """Per level, in encoder order (level 0: full resolution): whether attention follows its ResnetBlocks."""
+    return [cfg.resolution // 2**i in cfg.attn_resolutions for i in range(len(cfg.ch_mult))]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -143,50 +161,61 @@ class Upsample(nn.Module):
 
 
 class Level(nn.Module):
-    """One resolution level: `n` ResnetBlocks, then an optional Downsample or Upsample.
+    """One resolution level: `n` ResnetBlocks, each followed by a SelfAttention when `attention`, then an
+    optional Downsample or Upsample.
 
-    The resampler sits in a one-entry list (`downsamplers.0.conv`, `upsamplers.0.conv` in the checkpoint);
-    an empty list means none (the last level).
+    Empty lists mean "none": `attentions` at most levels, the resampler (`downsamplers.0.conv`,
+    `upsamplers.0.conv` in the checkpoint) at the last level.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, n: int, groups: int, down: bool = False, up: bool = False):
+    def __init__(self, in_ch: int, out_ch: int, n: int, groups: int, attention: bool = False,
+                 down: bool = False, up: bool = False):  # fmt: skip
         super().__init__()
         self.resnets = nn.ModuleList(ResnetBlock(out_ch if i else in_ch, out_ch, groups) for i in range(n))
+        self.attentions = nn.ModuleList(SelfAttention(out_ch, groups) for _ in range(n if attention else 0))
         self.downsamplers = nn.ModuleList([Downsample(out_ch)] if down else [])
         self.upsamplers = nn.ModuleList([Upsample(out_ch)] if up else [])
 
     def forward(self, x: Tensor) -> Tensor:
-        for block in [*self.resnets, *self.downsamplers, *self.upsamplers]:
-            x = block(x)
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x)
+            if self.attentions:
+                x = self.attentions[i](x)
+        for resample in [*self.downsamplers, *self.upsamplers]:
+            x = resample(x)
         return x
 
 
 class MidBlock(nn.Module):
-    """ResnetBlock, self-attention, ResnetBlock at the lowest resolution: the only attention of the model."""
+    """ResnetBlock, self-attention (unless `attention` is False), ResnetBlock at the lowest resolution."""
 
-    def __init__(self, channels: int, groups: int):
+    def __init__(self, channels: int, groups: int, attention: bool = True):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups) for _ in range(2)])
-        self.attentions = nn.ModuleList([SelfAttention(channels, groups)])
+        self.attentions = nn.ModuleList([SelfAttention(channels, groups)] if attention else [])
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.resnets[0](x)
-        x = self.attentions[0](x)
+        for attention in self.attentions:  # one or none
+            x = attention(x)
         return self.resnets[1](x)
 
 
 class Encoder(nn.Module):
-    """(B, in_channels, H, W) -> (B, out_channels, H/f, W/f), f = 2^(len(ch_mult) - 1)."""
+    """(B, in_channels, H, W) -> (B, out_channels, H/f, W/f), f = 2^(len(ch_mult) - 1).
 
-    def __init__(self, in_ch: int, out_ch: int, widths: list[int], num_res_blocks: int, groups: int):
+    attends: per level (level 0 first), whether it has attention (attention_levels)."""
+
+    def __init__(self, in_ch: int, out_ch: int, widths: list[int], num_res_blocks: int, groups: int,
+                 attends: list[bool], mid_attention: bool):  # fmt: skip
         super().__init__()
         self.conv_in = nn.Conv2d(in_ch, widths[0], 3, padding=1)
         last = len(widths) - 1
         self.down_blocks = nn.ModuleList(
-            Level(widths[max(i - 1, 0)], widths[i], num_res_blocks, groups, down=i < last)
+            Level(widths[max(i - 1, 0)], widths[i], num_res_blocks, groups, attends[i], down=i < last)
             for i in range(len(widths))
         )
-        self.mid_block = MidBlock(widths[-1], groups)
+        self.mid_block = MidBlock(widths[-1], groups, mid_attention)
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=EPS)
         self.conv_out = nn.Conv2d(widths[-1], out_ch, 3, padding=1)
 
@@ -199,16 +228,19 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """(B, in_channels, h, w) -> (B, out_channels, h*f, w*f); the encoder's levels in reverse order."""
+    """(B, in_channels, h, w) -> (B, out_channels, h*f, w*f); the encoder's levels in reverse order.
 
-    def __init__(self, in_ch: int, out_ch: int, widths: list[int], num_res_blocks: int, groups: int):
+    widths and attends are given in encoder order (level 0 first), as the Encoder's."""
+
+    def __init__(self, in_ch: int, out_ch: int, widths: list[int], num_res_blocks: int, groups: int,
+                 attends: list[bool], mid_attention: bool):  # fmt: skip
         super().__init__()
-        rev = widths[::-1]  # widest first
+        rev, rev_attends = widths[::-1], attends[::-1]  # lowest resolution (widest) first
         self.conv_in = nn.Conv2d(in_ch, rev[0], 3, padding=1)
-        self.mid_block = MidBlock(rev[0], groups)
+        self.mid_block = MidBlock(rev[0], groups, mid_attention)
         # One more ResnetBlock per level than the encoder (as in CompVis); upsample on all but the last level
         self.up_blocks = nn.ModuleList(
-            Level(rev[max(i - 1, 0)], rev[i], num_res_blocks + 1, groups, up=i < len(rev) - 1)
+            Level(rev[max(i - 1, 0)], rev[i], num_res_blocks + 1, groups, rev_attends[i], up=i < len(rev) - 1)
             for i in range(len(rev))
         )
         self.conv_norm_out = nn.GroupNorm(groups, rev[-1], eps=EPS)
@@ -281,12 +313,13 @@ class AutoencoderKL(nn.Module):
         if cfg.kind != "kl":
             raise ValueError(f"AutoencoderKL needs kind='kl', got {cfg.kind!r}: use build_autoencoder(cfg).")
         self.config = cfg
-        widths, n, g = [cfg.ch * m for m in cfg.ch_mult], cfg.num_res_blocks, cfg.norm_num_groups
+        shape = ([cfg.ch * m for m in cfg.ch_mult], cfg.num_res_blocks, cfg.norm_num_groups,
+                 attention_levels(cfg), cfg.mid_attention)  # fmt: skip
         # "double_z": the encoder emits mean and log-variance, z_channels each
-        self.encoder = Encoder(cfg.in_channels, 2 * cfg.z_channels, widths, n, g)
+        self.encoder = Encoder(cfg.in_channels, 2 * cfg.z_channels, *shape)
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)  # moments -> moments
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
-        self.decoder = Decoder(cfg.z_channels, cfg.out_channels, widths, n, g)
+        self.decoder = Decoder(cfg.z_channels, cfg.out_channels, *shape)
 
     @property
     def downsample_factor(self) -> int:
@@ -351,12 +384,13 @@ class VQModel(nn.Module):
         if cfg.kind != "vq":
             raise ValueError(f"VQModel needs kind='vq', got {cfg.kind!r}: use build_autoencoder(cfg).")
         self.config = cfg
-        widths, n, g = [cfg.ch * m for m in cfg.ch_mult], cfg.num_res_blocks, cfg.norm_num_groups
-        self.encoder = Encoder(cfg.in_channels, cfg.z_channels, widths, n, g)
+        shape = ([cfg.ch * m for m in cfg.ch_mult], cfg.num_res_blocks, cfg.norm_num_groups,
+                 attention_levels(cfg), cfg.mid_attention)  # fmt: skip
+        self.encoder = Encoder(cfg.in_channels, cfg.z_channels, *shape)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
         self.quantize = VectorQuantizer(cfg.n_embed, cfg.embed_dim)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
-        self.decoder = Decoder(cfg.z_channels, cfg.out_channels, widths, n, g)
+        self.decoder = Decoder(cfg.z_channels, cfg.out_channels, *shape)
 
     @property
     def downsample_factor(self) -> int:

@@ -144,7 +144,8 @@ def unet_to_compvis(ref) -> dict[str, torch.Tensor]:
 
 
 def autoencoder_to_compvis(ref) -> dict[str, torch.Tensor]:
-    """diffusers AutoencoderKL / VQModel state -> ldm.models.autoencoder state (decoder levels reversed)."""
+    """diffusers AutoencoderKL / VQModel state -> ldm.models.autoencoder state (decoder levels reversed;
+    attention of Attn*EncoderBlock2D / Attn*DecoderBlock2D levels -> down.L.attn.j / up.L.attn.j)."""
     levels = len(ref.config.block_out_channels)
     attention = [
         ("group_norm.", "norm."),
@@ -158,6 +159,10 @@ def autoencoder_to_compvis(ref) -> dict[str, torch.Tensor]:
         if m := re.match(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", key):
             lvl = int(m[3]) if m[1] == "encoder" else levels - 1 - int(m[3])
             new = f"{m[1]}.{m[2]}.{lvl}.block.{m[4]}.{m[5].replace('conv_shortcut.', 'nin_shortcut.')}"
+        elif m := re.match(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", key):
+            lvl = int(m[3]) if m[1] == "encoder" else levels - 1 - int(m[3])
+            new = f"{m[1]}.{m[2]}.{lvl}.attn.{m[4]}.{rename_start(m[5], attention)}"
+            value = value[:, :, None, None] if value.ndim == 2 else value  # Linear -> 1x1 Conv2d
         elif m := re.match(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.(.*)", key):
             new = f"encoder.down.{m[1]}.downsample.{m[2]}"
         elif m := re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.*)", key):
@@ -691,14 +696,15 @@ COVERED = {  # yaml -> kind
     # scale-shift norm, ResBlock up/down-sampling, 5 levels, KL-f8 with the scale factor as a buffer
     "configs/latent-diffusion/lsun_churches-ldm-kl-8.yaml": "unconditional",
     "models/ldm/lsun_churches256/config.yaml": "unconditional",
+    # VQ-f8 with in-level attention (attn_resolutions [32]); ClassEmbedder of 1000 classes, no "no class" row
+    "models/ldm/cin256/config.yaml": "class",
+    "configs/latent-diffusion/cin-ldm-vq-f8.yaml": "class",
+    # VQ-f4 without attention (attn_type none); cond_stage_model = first_stage_model (saved twice)
+    "models/ldm/inpainting_big/config.yaml": "inpaint",
 }
-VQ_F8_ATTENTION = "attn_resolutions [32] / attn_type 'vanilla' are not supported"
 NOT_COVERED = {  # yaml -> the one-line error (what ldm_mini lacks)
-    "models/ldm/cin256/config.yaml": VQ_F8_ATTENTION,
-    "models/ldm/inpainting_big/config.yaml": "attn_type 'none' are not supported",
     "models/first_stage_models/kl-f8/config.yaml": "model.target is 'ldm.models.autoencoder.AutoencoderKL'",
     "models/first_stage_models/vq-f4/config.yaml": "model.target is 'ldm.models.autoencoder.VQModel'",
-    "configs/latent-diffusion/cin-ldm-vq-f8.yaml": VQ_F8_ATTENTION,
     **{
         f"models/first_stage_models/{n}/config.yaml": f"model.target is 'ldm.models.autoencoder.{t}'"
         for n, t in [
@@ -770,6 +776,11 @@ def full_size_state(params: dict, unet_only: bool = False) -> dict[str, torch.Te
         stage = params["first_stage_config"]["params"]
         cfg = create_vae_diffusers_config_from_ldm({"model": {"params": params}}, {}, image_size=256)
         cfg.pop("scaling_factor")
+        dd = stage["ddconfig"]  # diffusers' yaml reader ignores the in-level and the absent attention
+        levels = [dd["resolution"] // 2**i in dd["attn_resolutions"] for i in range(len(dd["ch_mult"]))]
+        cfg["down_block_types"] = [("AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D") for a in levels]
+        cfg["up_block_types"] = [("AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D") for a in levels[::-1]]
+        cfg["mid_block_add_attention"] = dd.get("attn_type", "vanilla") != "none"
         vae = (
             VQModel(**cfg, num_vq_embeddings=stage["n_embed"], vq_embed_dim=stage["embed_dim"])
             if "n_embed" in stage
@@ -777,7 +788,10 @@ def full_size_state(params: dict, unet_only: bool = False) -> dict[str, torch.Te
         )
         state.update({"first_stage_model." + k: v for k, v in autoencoder_to_compvis(vae).items()})
         cond = params["cond_stage_config"]
-        if isinstance(cond, dict) and cond["target"].endswith("BERTEmbedder"):
+        if cond == "__is_first_stage__":  # inpainting: the same module under both names
+            state.update({"cond_stage_model." + k[len("first_stage_model.") :]: v
+                          for k, v in state.items() if k.startswith("first_stage_model.")})  # fmt: skip
+        elif isinstance(cond, dict) and cond["target"].endswith("BERTEmbedder"):
             from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import (
                 LDMBertConfig,
                 LDMBertModel,
@@ -818,7 +832,8 @@ def test_full_size_published_config_maps_every_key(name):
     want = build_empty(meta).state_dict()
     assert tensors.keys() == want.keys()
     assert all(tuple(tensors[k].shape) == tuple(want[k].shape) for k in want)
-    dropped = [k for k in state if k.endswith("to_logits.weight") or k.endswith("to_logits.bias")]
+    dropped = [k for k in state if k.endswith(("to_logits.weight", "to_logits.bias"))]
+    dropped += [k for k in state if k.startswith("cond_stage_model.") and COVERED[name] == "inpaint"]
     legacy_qkv = sum(k.endswith(".qkv.weight") for k in state)
     assert (
         len(tensors) == len(state) - len(dropped) + 4 * legacy_qkv

@@ -28,7 +28,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from ldm_mini.autoencoder import AutoencoderConfig
+from ldm_mini.autoencoder import AutoencoderConfig, attention_levels
 from ldm_mini.bert import LDMBertConfig
 from ldm_mini.conditioning import ClassEmbedderConfig, LayoutConfig, SpatialRescalerConfig
 from ldm_mini.loading import build_empty, config_from_values, make_metadata
@@ -93,7 +93,7 @@ FIRST_STAGE_RESNET = [
     ("nin_shortcut.", "conv_shortcut.", None),  # 1x1 conv where the width changes
     ("", "", None),  # norm1, conv1, norm2, conv2 keep their names
 ]
-FIRST_STAGE_ATTENTION = [  # AttnBlock of the autoencoders' middle: single head, 1x1 Conv2d everywhere
+FIRST_STAGE_ATTENTION = [  # the autoencoders' AttnBlock (mid.attn_1, in-level attn.i): one head, 1x1 Conv2d
     ("norm.", "group_norm.", None),
     ("q.", "to_q.", linear),  # (C, C, 1, 1) -> (C, C)
     ("k.", "to_k.", linear),
@@ -173,8 +173,9 @@ def unet_modules(cfg: UNetConfig) -> dict[str, Target]:
 
 def autoencoder_modules(cfg: AutoencoderConfig) -> dict[str, Target]:
     """diffusionmodules/model.py Encoder/Decoder. The decoder's `up` list is stored REVERSED: up.0 is the
-    highest resolution, run last; ldm_mini's up_blocks.0 is the lowest, run first."""
-    levels = len(cfg.ch_mult)
+    highest resolution, run last; ldm_mini's up_blocks.0 is the lowest, run first. In-level attention:
+    down.{L}.attn.{j} / up.{L}.attn.{j} after block j, at the levels attention_levels(cfg) names."""
+    levels, attends = len(cfg.ch_mult), attention_levels(cfg)
     m = {
         "quant_conv": Target("quant_conv.", SAME),
         "post_quant_conv": Target("post_quant_conv.", SAME),
@@ -185,7 +186,8 @@ def autoencoder_modules(cfg: AutoencoderConfig) -> dict[str, Target]:
     for part in ("encoder", "decoder"):
         m[f"{part}.conv_in"] = Target(f"{part}.conv_in.", SAME)
         m[f"{part}.mid.block_1"] = Target(f"{part}.mid_block.resnets.0.", FIRST_STAGE_RESNET)
-        m[f"{part}.mid.attn_1"] = Target(f"{part}.mid_block.attentions.0.", FIRST_STAGE_ATTENTION)
+        if cfg.mid_attention:  # attn_type "none": mid.attn_1 is an nn.Identity, no weights
+            m[f"{part}.mid.attn_1"] = Target(f"{part}.mid_block.attentions.0.", FIRST_STAGE_ATTENTION)
         m[f"{part}.mid.block_2"] = Target(f"{part}.mid_block.resnets.1.", FIRST_STAGE_RESNET)
         m[f"{part}.norm_out"] = Target(f"{part}.conv_norm_out.", SAME)
         m[f"{part}.conv_out"] = Target(f"{part}.conv_out.", SAME)
@@ -194,6 +196,10 @@ def autoencoder_modules(cfg: AutoencoderConfig) -> dict[str, Target]:
             m[f"encoder.down.{level}.block.{j}"] = Target(
                 f"encoder.down_blocks.{level}.resnets.{j}.", FIRST_STAGE_RESNET
             )
+            if attends[level]:
+                m[f"encoder.down.{level}.attn.{j}"] = Target(
+                    f"encoder.down_blocks.{level}.attentions.{j}.", FIRST_STAGE_ATTENTION
+                )
         if level < levels - 1:
             m[f"encoder.down.{level}.downsample"] = Target(
                 f"encoder.down_blocks.{level}.downsamplers.0.", SAME
@@ -203,6 +209,10 @@ def autoencoder_modules(cfg: AutoencoderConfig) -> dict[str, Target]:
             m[f"decoder.up.{level}.block.{j}"] = Target(
                 f"decoder.up_blocks.{u}.resnets.{j}.", FIRST_STAGE_RESNET
             )
+            if attends[level]:
+                m[f"decoder.up.{level}.attn.{j}"] = Target(
+                    f"decoder.up_blocks.{u}.attentions.{j}.", FIRST_STAGE_ATTENTION
+                )
         if level > 0:
             m[f"decoder.up.{level}.upsample"] = Target(f"decoder.up_blocks.{u}.upsamplers.0.", SAME)
     return m
@@ -366,12 +376,14 @@ def autoencoder_config(stage: dict, where: str) -> AutoencoderConfig:
         )
     p = need(stage, "params", where)
     dd = need(p, "ddconfig", f"{where}.params")
-    if dd.get("attn_resolutions") or dd.get("attn_type", "vanilla") != "vanilla" or dd.get("use_linear_attn"):
+    attn_type = dd.get("attn_type", "vanilla")
+    if attn_type not in ("vanilla", "none") or dd.get("use_linear_attn"):
         raise ConversionError(
-            f"{where}: attn_resolutions {dd.get('attn_resolutions')} / attn_type "
-            f"{dd.get('attn_type', 'vanilla')!r} are not supported: ldm_mini's autoencoder has "
-            "exactly one attention block, in the middle ([] / 'vanilla')"
+            f"{where}: attn_type {attn_type!r} (use_linear_attn {dd.get('use_linear_attn', False)}) is not "
+            "supported: ldm_mini's autoencoder has the 'vanilla' AttnBlock or none ('none')"
         )
+    # attn_type "none": make_attn returns nn.Identity for the mid AND the in-level blocks, so no attention
+    attn_resolutions = () if attn_type == "none" else tuple(dd.get("attn_resolutions") or ())
     if bool(dd.get("double_z", True)) != (kind == "kl") or p.get("remap") or dd.get("tanh_out"):
         raise ConversionError(
             f"{where}: double_z must be {kind == 'kl'} for {kind}, with no remap / tanh_out"
@@ -390,6 +402,9 @@ def autoencoder_config(stage: dict, where: str) -> AutoencoderConfig:
                 embed_dim=need(p, "embed_dim", where),
                 n_embed=need(p, "n_embed", where) if kind == "vq" else 0,
                 norm_num_groups=32,  # Normalize() in diffusionmodules/model.py
+                resolution=need(dd, "resolution", where),
+                attn_resolutions=attn_resolutions,
+                mid_attention=attn_type == "vanilla",
             ),
             where,
         )
