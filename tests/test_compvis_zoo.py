@@ -19,11 +19,17 @@ Measured max |diff| (CPU, float32; cin256 and inpainting_big with 1 thread as th
                               attention: z 1.2e-6, decoded 8.3e-7; inpaint.py: mask binarisation equal, masked
                               latent 3.8e-6 (|c| <= 4.0; 2.3e-5 with two threads: the conv's reduction order),
                               composite 1.8e-7, the script's truncated PNG equal
+    celeba256                 eps 6.0e-7 / 6.0e-7 / 6.0e-7 / 7.2e-7 / 7.2e-7 (ffhq256 5.4e-7 / - / - / 7.2e-7,
+                              lsun_beds256 7.2e-7 / - / - / 5.4e-7: the same model but for data:)
+    text2img-large            tokens equal, context 0; eps 1.2e-6 / 1.3e-6 / 1.3e-6 / 1.3e-6 / 1.2e-6; uc 1e-6
+    bsr_sr                    eps 5.7e-7 / 6.6e-7 / 6.6e-7 / 4.8e-7 / 4.8e-7
 All within atol 1e-5 (the original itself moves by up to 1e-6 between thread counts; these eps are O(1)).
 5-step DDIM samples (|z| 38-78 with random weights), max |diff| / max |z|: cin256-v2 eta 0 3.8e-5 / 59,
 guided (3.0) 8.4e-5 / 61, eta 1 5.0e-5 / 66; semantic eta 0 3.3e-5 / 56, eta 1 5.3e-5 / 63; layout eta 0
 2.7e-5 / 66, eta 1 4.6e-5 / 78; churches eta 0 5.0e-5 / 38, eta 1 5.0e-5 / 41; cin256 eta 0 2.7e-5 / 51,
-eta 1 3.1e-5 / 57; inpainting (scripts/inpaint.py) 2.8e-5 / 95 (all <= 1.4e-6 relative);
+eta 1 3.1e-5 / 57; inpainting (scripts/inpaint.py) 2.8e-5 / 95; celeba eta 0 3.8e-5 / 83, eta 1 4.6e-5 / 92;
+ffhq eta 1 3.4e-5 / 63; beds eta 1 4.6e-5 / 85; text2img eta 0 1.1e-5 / 18, eta 1 1.3e-5 / 20, guided (5.0)
+3.1e-5 / 20; bsr_sr eta 0 3.8e-5 / 45, eta 1 3.1e-5 / 45 (all <= 1.6e-6 relative);
 VQ decodes of the original's samples 4.2e-7 (semantic), 6.0e-7 (layout).
 """
 
@@ -44,10 +50,11 @@ from weights_tools import compvis
 
 REFS = Path(__file__).parent / "compvis_refs"
 RELEASED = Path(__file__).parent / "realconfigs" / "compvis"
-# the zoo models checked here (celeba256, ffhq256, lsun_beds256, bsr_sr, text2img-large: test_compvis.py)
+# every LDM of the zoo (test_compvis.py also checks celeba256, bsr_sr and text2img-large against diffusers)
 CONVERTED = {"cin256-v2": "class", "cin256": "class", "semantic_synthesis256": "semantic",
              "layout2img-openimages256": "layout", "lsun_churches256": "unconditional",
-             "inpainting_big": "inpaint"}  # fmt: skip
+             "inpainting_big": "inpaint", "celeba256": "unconditional", "ffhq256": "unconditional",
+             "lsun_beds256": "unconditional", "text2img-large": "txt2img", "bsr_sr": "superres"}  # fmt: skip
 
 
 def references(name: str):
@@ -80,10 +87,18 @@ def condition(m, name: str, refs: dict, meta: dict) -> torch.Tensor:
         # cin256-v2 learned a "no class" row (1001 classes) for guidance; the older cin256 has none
         assert m.class_embedder.config.unconditional_class == (1000 if name == "cin256-v2" else None)
         return m.encode_class(refs["cond.class_labels"])
-    if name == "lsun_churches256":
+    if m.kind == "unconditional":
         return None
     if name == "inpainting_big":  # built from an image the reference did not keep; test_inpaint_* builds one
         return refs["eps.cond"]
+    if name == "bsr_sr":  # the low-res image itself (cond_stage torch.nn.Identity)
+        return refs["cond.c"]
+    if name == "text2img-large":  # the bert-base-uncased tokenizer, then LDMBert
+        tokens = m.tokenize(meta["prompts"])
+        assert torch.equal(tokens, refs["cond.tokens"])
+        context = m.encode_text(tokens)
+        assert (context - refs["cond.context"]).abs().max() <= 1e-5
+        return context
     if name == "semantic_synthesis256":
         c = m.encode_segmentation(refs["cond.segmentation_labels"])
         assert (c - refs["cond.c"]).abs().max() <= 1e-5
@@ -105,12 +120,16 @@ def test_conditioning_and_eps_match_the_original(zoo):
     refs, meta = references(name)
     cond = condition(m, name, refs, meta)
     x = refs["eps.x"]
-    for t in (0, 1, 500, 999):
+    for t in [t for t in (0, 1, 500, 999) if f"eps.t{t}" in refs]:  # (ffhq256, lsun_beds256: 0 and 999)
         assert (m.predict_noise(x, t, cond) - refs[f"eps.t{t}"]).abs().max() <= 1e-5, t
-    assert (m.predict_noise(x, refs["eps.t_mixed_t"], cond) - refs["eps.t_mixed"]).abs().max() <= 1e-5
-    if "eps.uc_t500" in refs:  # the unconditional branch of guidance: the "no class" label 1000
-        uc = m.encode_class(torch.full((2,), m.class_embedder.config.unconditional_class))
-        assert torch.equal(uc, refs["cond.uc_context"])
+    if "eps.t_mixed" in refs:
+        assert (m.predict_noise(x, refs["eps.t_mixed_t"], cond) - refs["eps.t_mixed"]).abs().max() <= 1e-5
+    if "eps.uc_t500" in refs:  # the unconditional branch of guidance: the "no class" label 1000, or ""
+        if m.kind == "class":
+            uc = m.encode_class(torch.full((2,), m.class_embedder.config.unconditional_class))
+        else:
+            uc = m.encode_text(m.tokenize(["", ""]))
+        assert (uc - refs["cond.uc_context"]).abs().max() <= 1e-5
         assert (m.predict_noise(x, 500, uc) - refs["eps.uc_t500"]).abs().max() <= 1e-5
     if "eps.raw_t500" in refs:  # --no-ema: the raw UNet weights
         assert (raw.predict_noise(x, 500, cond) - refs["eps.raw_t500"]).abs().max() <= 1e-5
@@ -133,102 +152,105 @@ def test_first_stage_matches_the_original(zoo):
         assert (noquant - refs["first_stage.decoded_noquant"]).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("name", sorted(CONVERTED))
-def test_the_released_yaml_builds_the_released_checkpoints_keys(name):
-    """At full size on the meta device: the released yaml's model takes exactly the state_dict the original
-    code builds from it (keys, shapes), through the converter's own tables and checks."""
-    refs_meta = json.loads((REFS / name / "reference.json").read_text())
-    yaml_path = RELEASED / refs_meta["released_yaml"]
+def full_size(name: str):
+    """(the original's full-size state_dict on the meta device, model_configs(released yaml), use_ema)."""
+    yaml_path = RELEASED / json.loads((REFS / name / "reference.json").read_text())["released_yaml"]
     keys = json.load(gzip.open(REFS / name / "full_size_keys.json.gz"))["keys"]
     dtypes = {"float32": torch.float32, "int32": torch.int32, "int64": torch.int64}
     with torch.device("meta"):
         state = {k: torch.empty(shape, dtype=dtypes[dtype]) for k, shape, dtype in keys}
-    configs, use_ema = compvis.model_configs(yaml_path)
+    return state, *compvis.model_configs(yaml_path)
+
+
+@pytest.mark.parametrize("name", sorted(CONVERTED))
+def test_the_released_yaml_builds_the_released_checkpoints_keys(name):
+    """At full size on the meta device: the released yaml's model takes exactly the state_dict the original
+    code builds from it (keys, shapes), through the converter's own tables and checks."""
+    state, configs, use_ema = full_size(name)
     assert configs["kind"] == CONVERTED[name]
     tensors, meta = compvis.convert_state_dict(state, configs, use_ema, ema=None, name=name)  # checks shapes
     want = build_empty(meta).state_dict()
     assert tensors.keys() == want.keys()
     assert all(tuple(tensors[k].shape) == tuple(want[k].shape) for k in want)
+    yaml_path = RELEASED / json.loads((REFS / name / "reference.json").read_text())["released_yaml"]
     params = yaml.safe_load(yaml_path.read_text())["model"]["params"]
     assert ("model_ema.decay" in state) == params.get("use_ema", True)
 
 
-@torch.no_grad()
-def test_class_conditional_samples_as_the_cin_notebook(zoo):
-    """ldm_mini.class_conditional = DDIMSampler.sample of the original: 5 steps from the recorded x_T, eta 0
-    (conditional only, and guided at 3.0 with the "no class" label 1000), eta 1 with the recorded step noise.
-    Random-weight samples grow large (|z| ~ 50-95: README section 2), so compared relative to their size."""
-    name, m, _ = zoo
-    if not name.startswith("cin256"):
-        pytest.skip("the class-conditional models only")
+def pipeline_call(m, name: str, refs: dict, meta: dict):
+    """The ldm_mini pipeline of a zoo model on the reference's first input, as call(**settings)."""
     import ldm_mini
 
-    refs, _ = references(name)
-    label, size = int(refs["cond.class_labels"][0]), m.downsample_factor * refs["ddim.eta0.x_T"].shape[-1]
-    runs = [("eta0", 1.0, 0.0, None), ("eta1", 1.0, 1.0, "ddim.eta1.noise")]
-    if name == "cin256-v2":  # the notebook's settings, and guidance by the "no class" label
-        assert m.recommended == {"steps": 20, "guidance": 3.0, "eta": 0.0, "sampler": "ddim"}
-        runs.append(("cfg_eta0", 3.0, 0.0, None))
-    else:  # no unconditional label: nothing to guide with, and the settings are the pipeline's defaults
-        assert m.recommended == {}
-        with pytest.raises(ValueError, match="no unconditional label"):
-            ldm_mini.class_conditional(m, [label], guidance_scale=3.0, progress=False)
-    for run, scale, eta, noise in runs:
-        z = ldm_mini.class_conditional(m, [label], num_inference_steps=5, guidance_scale=scale, eta=eta,
-                                       latents=refs[f"ddim.{run}.x_T"], height=size, width=size,
-                                       output_type="latent", noise=refs[noise] if noise else None,
-                                       progress=False)  # fmt: skip
-        ref = refs[f"ddim.{run}.samples"]
-        assert (z - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item()), run
+    kind, size = m.kind, m.downsample_factor * refs["ddim.eta1.x_T"].shape[-1]
+    if kind == "class":
+        return lambda **kw: ldm_mini.class_conditional(m, [int(refs["cond.class_labels"][0])], height=size,
+                                                       width=size, **kw)  # fmt: skip
+    if kind == "txt2img":  # scripts/txt2img.py: guidance with the empty prompt
+        return lambda **kw: ldm_mini.txt2img(m, meta["prompts"][0], height=size, width=size, **kw)
+    if kind == "semantic":
+        return lambda **kw: ldm_mini.semantic_synthesis(m, refs["cond.segmentation_labels"][:1], **kw)
+    if kind == "layout":
+        return lambda **kw: ldm_mini.layout_to_image(m, refs["cond.tokens"][:1], **kw)
+    if kind == "superres":
+        return lambda **kw: ldm_mini.superres(m, refs["cond.c"][:1], **kw)
+    return lambda **kw: ldm_mini.unconditional(m, 1, height=size, width=size, **kw)  # sample_diffusion.py
 
 
 @torch.no_grad()
-def test_semantic_layout_and_unconditional_sample_as_the_original_ddim(zoo):
-    """semantic_synthesis / layout_to_image / unconditional from the reference's own inputs = the original
-    DDIMSampler.sample
-    (5 steps, eta 0, and eta 1 with the recorded step noise), relative to the samples' size (as above)."""
+def test_pipelines_sample_as_the_original_ddim(zoo):
+    """Each zoo model's pipeline from the reference's own input = the original DDIMSampler.sample: 5 steps
+    from the recorded x_T at eta 0, at eta 1 with the recorded step noise, and guided (cin256-v2 at 3.0 with
+    the "no class" label 1000, as the cin notebook; text2img-large at 5.0 with "", as scripts/txt2img.py).
+    Random-weight samples grow large (|z| ~ 40-95: README section 2), so compared relative to their size;
+    where the reference decoded the sample, the VQ decode (quantised first) too. inpainting_big: below."""
     name, m, _ = zoo
-    if name.startswith("cin256") or name == "inpainting_big":
-        pytest.skip("the semantic, layout and unconditional models")
-    import ldm_mini
+    if name == "inpainting_big":
+        pytest.skip("scripts/inpaint.py's path: test_inpaint_is_scripts_inpaint_py")
 
     refs, meta = references(name)
-    for run, eta in (("eta0", 0.0), ("eta1", 1.0)):
-        if name == "semantic_synthesis256":
-            inputs = refs["cond.segmentation_labels"][:1]
-            call = ldm_mini.semantic_synthesis
-        elif name == "lsun_churches256":  # scripts/sample_diffusion.py: DDIM, eta 1 by default
-
-            def call(m, batch_size, **settings):
-                return ldm_mini.unconditional(m, batch_size, **settings)
-
-            inputs = 1
-        else:
-            inputs = refs["cond.tokens"][:1]
-            call = ldm_mini.layout_to_image
-        z = call(m, inputs, num_inference_steps=5, eta=eta, latents=refs[f"ddim.{run}.x_T"],
-                 noise=refs.get(f"ddim.{run}.noise"), output_type="latent", progress=False)  # fmt: skip
+    call = pipeline_call(m, name, refs, meta)
+    runs = [(run, eta, 1.0) for run, eta in (("eta0", 0.0), ("eta1", 1.0)) if f"ddim.{run}.x_T" in refs]
+    if "ddim.cfg_eta0.x_T" in refs:
+        runs.append(("cfg_eta0", 0.0, meta["guidance_scale"]))
+    for run, eta, scale in runs:
+        guided = {"guidance_scale": scale} if m.kind in ("class", "txt2img") else {}
+        z = call(num_inference_steps=5, eta=eta, latents=refs[f"ddim.{run}.x_T"], progress=False,
+                 noise=refs.get(f"ddim.{run}.noise"), output_type="latent", **guided)  # fmt: skip
         ref = refs[f"ddim.{run}.samples"]
         assert (z - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item()), run
-        if f"ddim.{run}.decoded" in refs:  # the VQ decode of the original's sample (quantised first)
+        if f"ddim.{run}.decoded" in refs:
             assert (m.decode(ref) - refs[f"ddim.{run}.decoded"]).abs().max() <= 1e-5
 
 
+def test_class_models_settings_and_guidance():
+    """cin256-v2 converts with the cin notebook's settings (20 DDIM steps, guidance 3.0 with the "no class"
+    label); the older cin256 has no such label, so it has no recommended settings and refuses guidance."""
+    import ldm_mini
+
+    for name, recommended in [("cin256-v2", {"steps": 20, "guidance": 3.0, "eta": 0.0, "sampler": "ddim"}),
+                              ("cin256", {})]:  # fmt: skip
+        _, meta = compvis.convert_state_dict(*full_size(name), ema=None, name=name)
+        m = build_empty(meta)
+        assert m.recommended == recommended
+        if not recommended:
+            with pytest.raises(ValueError, match="no unconditional label"):
+                ldm_mini.class_conditional(m, [1], guidance_scale=3.0, progress=False)
+
+
+@pytest.mark.parametrize("zoo", ["inpainting_big"], indirect=True)
 @torch.no_grad()
 def test_inpaint_is_scripts_inpaint_py(zoo):
     """ldm_mini.inpaint on the script's PNGs (inpaint.image_u8, inpaint.mask_u8) = scripts/inpaint.py run by
     the original: the mask's binarisation at 0.5, the condition (the masked image's latent and the -1/+1
     mask), 5 DDIM steps from the recorded x_T, the composite, and (truncated as the script saves it) its
     PNG."""
-    name, m, _ = zoo
-    if name != "inpainting_big":
-        pytest.skip("the inpainting model only")
+    _, m, _ = zoo
     import PIL.Image
 
     import ldm_mini
     from ldm_mini.pipeline import inpaint_inputs
 
-    refs, _ = references(name)
+    refs, _ = references("inpainting_big")
     values = np.zeros((4, 8), np.uint8)  # the 6 probed mask values in a 4 x 8 image (multiples of f = 4)
     values[0, :6] = refs["inpaint.threshold_in"].numpy()
     _, binary = inpaint_inputs(m, PIL.Image.new("RGB", (8, 4)), PIL.Image.fromarray(values, mode="L"))
@@ -254,10 +276,9 @@ def test_inpaint_is_scripts_inpaint_py(zoo):
     assert (png.int() - refs["inpaint.inpainted_u8"].int()).abs().max() <= 1
 
 
+@pytest.mark.parametrize("zoo", ["inpainting_big"], indirect=True)
 def test_inpaint_refuses_bad_masks_before_any_compute(zoo):
-    name, m, _ = zoo
-    if name != "inpainting_big":
-        pytest.skip("the inpainting model only")
+    _, m, _ = zoo
     import ldm_mini
 
     image, mask = torch.zeros(1, 3, 64, 64), torch.ones(1, 1, 64, 64)
