@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 IMAGE_SIZE = 64
 PALETTE = {  # saturated, >= 95 apart in RGB, and >= 190 from every background (channels 212..252)
@@ -285,3 +286,23 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         scene = self.scene(index)
         return to_tensor(render(scene)[None])[0], scene.caption
+
+
+def degrade(images: torch.Tensor, generator: torch.Generator, factor: int = 4, max_noise: float = 0.05):
+    """The low-resolution input of super-resolution: blur, downsample, add noise (a light version of the
+    degradations bsr_sr was trained on). images (B, 3, H, W) in [-1, 1] -> (B, 3, H/factor, W/factor).
+
+    Blur: a Gaussian of sigma 0.5 * factor (what an anti-aliasing filter before downsampling by `factor`
+    needs), then the mean of each factor x factor patch, then per-image Gaussian noise of a random std in
+    [0, max_noise] (one draw from `generator` per image, then the noise)."""
+    b, c, h, w = images.shape
+    sigma = 0.5 * factor
+    x = torch.arange(-factor, factor + 1, dtype=torch.float32)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()  # (2f + 1,), separable
+    blurred = F.pad(images, [factor] * 4, mode="replicate")
+    blurred = F.conv2d(blurred, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)  # along width
+    blurred = F.conv2d(blurred, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)  # along height
+    low = F.avg_pool2d(blurred, factor)  # (B, 3, H/f, W/f)
+    std = torch.rand(b, 1, 1, 1, generator=generator) * max_noise
+    return (low + std * torch.randn(low.shape, generator=generator)).clamp(-1, 1)

@@ -53,9 +53,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import samplers, shapes
-from .autoencoder import AutoencoderConfig, AutoencoderKL
+from .autoencoder import AutoencoderConfig, AutoencoderKL, VQModel, build_autoencoder
 from .bert import LDMBert, LDMBertConfig
-from .loading import config_to_json, save
+from .loading import config_from_values, config_to_json, save
 from .model import LatentDiffusion
 from .schedule import ScheduleConfig, q_sample, snr
 from .tokenizer import SPECIALS, Tokenizer
@@ -70,7 +70,22 @@ UNET = UNetConfig(  # levels at 16x16 (32 ch), 8x8 (64), 4x4 (64); self + cross-
     attention_resolutions=(2, 4), num_heads=None, num_head_channels=32, context_dim=128, norm_num_groups=16,
     image_size=16,
 )  # fmt: skip
+# The VQ sibling of AUTOENCODER (as the VQ-f4 of celebahq and bsr_sr: f = 4, 3 latent channels), for the
+# unconditional and super-resolution models: 64x64x3 image <-> 16x16x3 latent, snapped to one of 512 codes.
+AUTOENCODER_VQ = AutoencoderConfig(
+    kind="vq", ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, z_channels=3, embed_dim=3, n_embed=512,
+    norm_num_groups=8,
+)  # fmt: skip
+AUTOENCODERS = {"kl": AUTOENCODER, "vq": AUTOENCODER_VQ}
 TEXT_WIDTH, TEXT_LAYERS = 128, 2  # LDMBert: 2 layers of width 128 (4 heads of 32), vocab from the captions
+# The UNets of the other tasks: UNET without its text context (self-attention only, as celebahq's), on the VQ
+# latent; super-resolution concatenates the 16x16 low-res RGB image to z_t (as bsr_sr), hence 3 + 3 inputs.
+UNETS = {
+    "txt2img": UNET,
+    "unconditional": dataclasses.replace(UNET, in_channels=3, out_channels=3, context_dim=None),
+    "superres": dataclasses.replace(UNET, in_channels=6, out_channels=3, context_dim=None),
+}
+TASKS = tuple(UNETS)
 # Training betas as every LDM (CompVis "linear" = scaled_linear 0.00085..0.012, T = 1000). Sampling: the
 # "trailing" spacing starts at t = 999, the noisiest step, which few-step DDIM needs (Lin et al. 2024,
 # arXiv:2305.08891, Sec. 3.3), and the last step lands on alpha-bar = 1 (set_alpha_to_one).
@@ -78,8 +93,9 @@ SCHEDULE = ScheduleConfig(timestep_spacing="trailing", steps_offset=0, set_alpha
 # Scenes of 1, 2, 3 shapes in training: more multi-shape scenes than the evaluation prompts hold (0.45, 0.45,
 # 0.1), because binding each colour to its own shape and place in those is what the model is slowest to learn.
 TRAIN_NUM_SHAPES_P = (0.3, 0.5, 0.2)
-# What the command line samples this model with by default (measured: benchmarks/RESULTS.md, guidance sweep)
-RECOMMENDED = {"steps": 20, "guidance": 2.0}
+# What the command line samples each model with by default (measured: benchmarks/RESULTS.md)
+RECOMMENDED = {"steps": 20, "guidance": 2.0}  # shapes (txt2img): the guidance sweep
+RECOMMENDED_OF = {"txt2img": RECOMMENDED, "unconditional": {"steps": 50}, "superres": {"steps": 50}}
 GRID_PROMPTS = [
     "a red circle above a blue square",
     "a green triangle on the left",
@@ -194,10 +210,10 @@ def fingerprint(module: nn.Module) -> float:
     return float(sum(p.double().sum() for p in module.state_dict().values()))
 
 
-def load_autoencoder(out: str | os.PathLike) -> AutoencoderKL:
+def load_autoencoder(out: str | os.PathLike) -> AutoencoderKL | VQModel:
     """The stage-1 autoencoder of a run folder (its final weights), frozen."""
     state = Run(out, "autoencoder").load()
-    ae = AutoencoderKL(AutoencoderConfig(**{**state["config"], "ch_mult": tuple(state["config"]["ch_mult"])}))
+    ae = build_autoencoder(config_from_values(AutoencoderConfig, state["config"], f"{out}/autoencoder.pt"))
     ae.load_state_dict(state["model"], strict=True)
     return ae.eval().requires_grad_(False)
 
@@ -212,10 +228,46 @@ def autoencoder_loss(ae: AutoencoderKL, images: Tensor, gen: torch.Generator, kl
     return l1 + kl_weight * kl, recon, {"l1": l1.item() / images[0].numel(), "kl": kl.item()}
 
 
+def vq_loss(ae: VQModel, images: Tensor, beta: float = 0.25):
+    """VQ-VAE's loss (van den Oord et al. 2017, Eq. 3) with an L1 reconstruction: |x - D(z_q)| + ||sg[z_e] -
+    e||^2 + beta ||z_e - sg[e]||^2, means per value as CompVis VQModel weighs them (codebook weight 1, beta
+    0.25). The first term trains encoder and decoder (through the straight-through z_q), the second moves
+    each used code e towards the encoder outputs z_e assigned to it, the third keeps z_e near its code.
+    Also returns the code indices, for the code restarts and the codebook's perplexity."""
+    z_e = ae.encode(images)  # (B, 3, 16, 16), before quantisation
+    z_q, indices = ae.quantize(z_e)  # straight-through: value e, gradient to z_e
+    codes = ae.quantize.embedding(indices).permute(0, 3, 1, 2)  # (B, 3, 16, 16): e itself, for its gradient
+    recon = ae.decode(z_q, quantize=False)
+    l1 = (recon - images).abs().mean()
+    codebook, commitment = F.mse_loss(codes, z_e.detach()), F.mse_loss(z_e, codes.detach())
+    loss = l1 + codebook + beta * commitment
+    return loss, recon, indices, {"l1": l1.item(), "codebook": codebook.item(), "commit": commitment.item()}
+
+
+@torch.no_grad()
+def restart_dead_codes(ae: VQModel, z_e: Tensor, counts: Tensor, gen: torch.Generator) -> int:
+    """Codes no latent chose since the last restart (counts == 0) jump to random encoder outputs of the
+    current batch (the "codebook reset" of Dhariwal et al. 2020, Jukebox, Sec. 3.1): an unused code gets no
+    gradient from the codebook term and would stay dead. Returns how many were restarted."""
+    dead = (counts == 0).nonzero().flatten()
+    if len(dead):
+        pool = z_e.permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])  # (B*h*w, 3)
+        pick = torch.randint(0, len(pool), (len(dead),), generator=gen)
+        ae.quantize.embedding.weight[dead] = pool[pick]
+    return len(dead)
+
+
+def perplexity(counts: Tensor) -> float:
+    """exp(entropy) of the code usage: the number of equally used codes it amounts to (<= n_embed)."""
+    p = counts.float() / counts.sum()
+    return math.exp(-(p[p > 0] * p[p > 0].log()).sum().item())
+
+
 def train_autoencoder(args) -> Path:
     run = Run(args.out, "autoencoder")
     torch.manual_seed(args.seed)  # the initial weights
-    ae = AutoencoderKL(AUTOENCODER)
+    config = AUTOENCODERS[args.kind]
+    ae = build_autoencoder(config)
     opt = torch.optim.AdamW(ae.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     rng, gen = np.random.default_rng([args.seed, 1]), torch.Generator().manual_seed(args.seed)
     step, elapsed = 0, 0.0
@@ -226,11 +278,15 @@ def train_autoencoder(args) -> Path:
         set_rng_state(rng, gen, state["rng"])
         step, elapsed = state["step"], state["elapsed"]
     fixed, _, _ = shapes.sample_batch(8, np.random.default_rng([args.seed, 2]))  # for the grids
+    vq = isinstance(ae, VQModel)
+    counts = torch.zeros(config.n_embed, dtype=torch.long)  # VQ: how often each code was chosen lately
+    if args.resume and vq:
+        counts = state["counts"]
 
     def checkpoint():
         run.save({"model": ae.state_dict(), "opt": opt.state_dict(), "rng": rng_state(rng, gen),
-                  "step": step, "elapsed": elapsed, "config": dataclasses.asdict(AUTOENCODER),
-                  "args": vars(args)})  # fmt: skip
+                  "step": step, "elapsed": elapsed, "config": dataclasses.asdict(config),
+                  "counts": counts, "args": vars(args)})  # fmt: skip
 
     start, last_ckpt = time.time() - elapsed, time.time()
     bar = tqdm(total=args.steps, initial=step, desc="autoencoder", disable=not args.progress)
@@ -238,13 +294,22 @@ def train_autoencoder(args) -> Path:
         images, _, _ = shapes.sample_batch(args.batch, rng)  # (B, 3, 64, 64) in [-1, 1], fresh every step
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        loss, _, parts = autoencoder_loss(ae, images, gen, args.kl_weight)
+        if vq:
+            loss, _, indices, parts = vq_loss(ae, images)
+            counts += torch.bincount(indices.flatten(), minlength=config.n_embed)
+        else:
+            loss, _, parts = autoencoder_loss(ae, images, gen, args.kl_weight)
         train_step(ae, opt, loss)
         step += 1
+        if vq and step % args.restart_every == 0:
+            parts["perplexity"] = perplexity(counts)
+            if step <= args.restart_until:  # then the codebook settles
+                parts["restarted"] = restart_dead_codes(ae, ae.encode(images).detach(), counts, gen)
+            counts.zero_()
         elapsed = time.time() - start
         bar.update(1)
         bar.set_postfix(l1=f"{parts['l1']:.4f}")
-        if step % args.log_every == 0 or step == args.steps:
+        if step % args.log_every == 0 or step == args.steps or "restarted" in parts:
             lr = opt.param_groups[0]["lr"]
             run.log({"step": step, "loss": loss.item(), **parts, "lr": lr, "time": elapsed})
         if step % args.grid_every == 0 or step == args.steps:
@@ -264,11 +329,18 @@ def scale_factor(z: Tensor) -> float:
     return 1.0 / z.flatten().std().item()
 
 
+def first_stage_latent(ae: AutoencoderKL | VQModel, images: Tensor, gen: torch.Generator) -> Tensor:
+    """E(x), unscaled: a KL posterior sample, or the VQ latent before quantisation (what the LDM VQ models
+    are trained on: the quantiser belongs to the decoder, LDM Sec. 3.1)."""
+    latent = ae.encode(images)
+    return latent if isinstance(ae, VQModel) else latent.sample(gen)
+
+
 @torch.no_grad()
-def latent_scale(ae: AutoencoderKL, n: int, seed: int) -> float:
-    """The scale factor of posterior samples z of n fresh images."""
+def latent_scale(ae: AutoencoderKL | VQModel, n: int, seed: int) -> float:
+    """The scale factor of the latents of n fresh images."""
     images, _, _ = shapes.sample_batch(n, np.random.default_rng([seed, 3]))
-    return scale_factor(ae.encode(images).sample(torch.Generator().manual_seed(seed)))
+    return scale_factor(first_stage_latent(ae, images, torch.Generator().manual_seed(seed)))
 
 
 def eps_loss(m: LatentDiffusion, z0: Tensor, t: Tensor, noise: Tensor, context: Tensor | None,
@@ -288,11 +360,29 @@ def eps_loss(m: LatentDiffusion, z0: Tensor, t: Tensor, noise: Tensor, context: 
 def diffusion_loss(m: LatentDiffusion, images: Tensor, captions: list[str], gen: torch.Generator):
     """min-SNR-5-weighted eps-prediction loss on one batch of images; the autoencoder is frozen."""
     with torch.no_grad():
-        z0 = m.autoencoder.encode(images).sample(gen) * m.scale_factor  # (B, 4, 16, 16), ~unit variance
+        z0 = first_stage_latent(m.autoencoder, images, gen) * m.scale_factor  # (B, 4, 16, 16), ~unit variance
     t = torch.randint(0, m.alphas_cumprod.shape[0], (len(images),), generator=gen)  # (B,) uniform
     noise = torch.randn(z0.shape, generator=gen)
     context = m.encode_text(m.tokenize(captions))  # (B, 77, 128), gradients flow into LDMBert
     return eps_loss(m, z0, t, noise, context, snr_gamma=5.0)
+
+
+def task_loss(m: LatentDiffusion, images: Tensor, gen: torch.Generator):
+    """The min-SNR-5 eps loss of the unconditional and super-resolution models: no context; super-resolution
+    concatenates the degraded 16x16 image (shapes.degrade) to z_t, the UNet's cond (as bsr_sr)."""
+    with torch.no_grad():
+        z0 = first_stage_latent(m.autoencoder, images, gen) * m.scale_factor  # (B, 3, 16, 16)
+        cond = shapes.degrade(images, gen) if m.kind == "superres" else None  # (B, 3, 16, 16) in [-1, 1]
+    t = torch.randint(0, m.alphas_cumprod.shape[0], (len(images),), generator=gen)  # (B,) uniform
+    noise = torch.randn(z0.shape, generator=gen)
+    return eps_loss(m, z0, t, noise, cond, snr_gamma=5.0)
+
+
+def build_task_model(task: str, ae, scale_factor: float, tokenizer: Tokenizer | None = None):
+    """The LatentDiffusion of a task: txt2img (build_model), unconditional or superres (UNETS[task])."""
+    if task == "txt2img":
+        return build_model(ae, tokenizer, scale_factor)
+    return LatentDiffusion(task, UNet(UNETS[task]), ae, SCHEDULE, scale_factor)
 
 
 def build_model(ae: AutoencoderKL, tokenizer: Tokenizer, scale_factor: float) -> LatentDiffusion:
@@ -312,21 +402,40 @@ def sample_grid(m: LatentDiffusion, path: Path, seed: int, steps: int = 20, scal
     save_grid(m.decode(z0), path, nrow=len(GRID_PROMPTS))
 
 
+@torch.no_grad()
+def task_grid(m: LatentDiffusion, path: Path, seed: int, steps: int = 20) -> None:
+    """unconditional: 16 samples; superres: 8 held-out scenes as rows of bicubic, LDM and ground truth."""
+    if m.kind == "unconditional":
+        x_T = torch.randn((16, m.latent_channels, 16, 16), generator=torch.Generator().manual_seed(seed))
+        save_grid(m.decode(samplers.ddim(m, x_T, steps, progress=False)), path, nrow=8)
+        return
+    images, _, _ = shapes.sample_batch(8, np.random.default_rng([seed, 5]), split="heldout")
+    low = shapes.degrade(images, torch.Generator().manual_seed(seed))
+    x_T = torch.randn((8, m.latent_channels, 16, 16), generator=torch.Generator().manual_seed(seed))
+    sr = m.decode(samplers.ddim(m, x_T, steps, cond=low, progress=False))
+    bicubic = F.interpolate(low, scale_factor=4, mode="bicubic")
+    save_grid(torch.cat([bicubic, sr, images]), path, nrow=8)
+
+
 def train_diffusion(args) -> Path:
     run = Run(args.out, "diffusion")
-    ae = load_autoencoder(args.out)
+    ae = load_autoencoder(args.autoencoder or args.out)
     torch.manual_seed(args.seed)  # the initial weights
-    tokenizer = train_tokenizer(seed=args.seed)
-    m = build_model(ae, tokenizer, latent_scale(ae, args.scale_images, args.seed))
-    trained = nn.ModuleDict({"unet": m.unet, "text_encoder": m.text_encoder})  # cond_stage_trainable
+    text = args.task == "txt2img"
+    tokenizer = train_tokenizer(seed=args.seed) if text else None
+    m = build_task_model(args.task, ae, latent_scale(ae, args.scale_images, args.seed), tokenizer)
+    trained = nn.ModuleDict({"unet": m.unet, **({"text_encoder": m.text_encoder} if text else {})})
     ema = copy.deepcopy(trained).requires_grad_(False)
     opt = torch.optim.AdamW(trained.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     rng, gen = np.random.default_rng([args.seed, 4]), torch.Generator().manual_seed(args.seed)
     step, elapsed = 0, 0.0
     if args.resume:
         state = run.load()
-        if state["vocab"] != tokenizer.vocab_text or state["autoencoder"] != fingerprint(ae):
-            raise ValueError("--resume: the checkpoint was trained on another autoencoder or vocabulary")
+        vocab = tokenizer.vocab_text if text else None
+        if state["vocab"] != vocab or state["autoencoder"] != fingerprint(ae) or state["task"] != args.task:
+            raise ValueError(
+                "--resume: the checkpoint was trained for another task, autoencoder or vocabulary"
+            )
         trained.load_state_dict(state["model"], strict=True)
         ema.load_state_dict(state["ema"], strict=True)
         opt.load_state_dict(state["opt"])
@@ -336,26 +445,45 @@ def train_diffusion(args) -> Path:
         run.log({"scale_factor": m.scale_factor})
 
     def checkpoint():
-        run.save({"model": trained.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                  "rng": rng_state(rng, gen), "step": step, "elapsed": elapsed,
-                  "scale_factor": m.scale_factor,
-                  "vocab": tokenizer.vocab_text, "unet_config": config_to_json(UNET),
-                  "text_encoder_config": config_to_json(m.text_encoder.config), "args": vars(args),
-                  "autoencoder": fingerprint(ae)})  # fmt: skip
+        run.save(
+            {
+                "model": trained.state_dict(),
+                "ema": ema.state_dict(),
+                "opt": opt.state_dict(),
+                "rng": rng_state(rng, gen),
+                "step": step,
+                "elapsed": elapsed,
+                "scale_factor": m.scale_factor,
+                "task": args.task,
+                "vocab": tokenizer.vocab_text if text else None,
+                "unet_config": config_to_json(UNETS[args.task]),
+                "text_encoder_config": config_to_json(m.text_encoder.config) if text else None,
+                "args": vars(args),
+                "autoencoder": fingerprint(ae),
+                "autoencoder_config": dataclasses.asdict(ae.config),
+                "autoencoder_state": ae.state_dict(),
+            }
+        )  # fmt: skip (export needs no other folder)
 
-    def ema_model() -> LatentDiffusion:
-        unet, text_encoder = ema["unet"], ema["text_encoder"]  # with m's autoencoder, tokenizer and schedule
-        return LatentDiffusion("txt2img", unet, ae, SCHEDULE, m.scale_factor, text_encoder, tokenizer)
+    def ema_model() -> LatentDiffusion:  # with m's autoencoder, tokenizer and schedule
+        return LatentDiffusion(args.task, ema["unet"], ae, SCHEDULE, m.scale_factor,
+                               ema["text_encoder"] if text else None, tokenizer)  # fmt: skip
 
     start, last_ckpt = time.time() - elapsed, time.time()
     bar = tqdm(total=args.steps, initial=step, desc="diffusion", disable=not args.progress)
     while step < min(args.steps, args.stop_at or args.steps):
-        images, captions, _ = shapes.sample_batch(args.batch, rng, num_shapes_p=TRAIN_NUM_SHAPES_P)
-        drop = rng.random(len(captions)) < args.uncond_prob  # caption dropout, for classifier-free guidance
-        captions = ["" if d else c for c, d in zip(captions, drop, strict=True)]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        loss = diffusion_loss(m, images, captions, gen)
+        if text:
+            images, captions, _ = shapes.sample_batch(args.batch, rng, num_shapes_p=TRAIN_NUM_SHAPES_P)
+            drop = (
+                rng.random(len(captions)) < args.uncond_prob
+            )  # caption dropout, for classifier-free guidance
+            captions = ["" if d else c for c, d in zip(captions, drop, strict=True)]
+            loss = diffusion_loss(m, images, captions, gen)
+        else:  # the dataset's own mix of 1, 2, 3 shapes: what an unconditional model should reproduce
+            images, _, _ = shapes.sample_batch(args.batch, rng)
+            loss = task_loss(m, images, gen)
         train_step(trained, opt, loss, max_grad_norm=1.0)
         ema_update(ema, trained, step, args.ema_decay)
         step += 1
@@ -365,7 +493,8 @@ def train_diffusion(args) -> Path:
         if step % args.log_every == 0 or step == args.steps:
             run.log({"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"], "time": elapsed})
         if step % args.grid_every == 0 or step == args.steps:
-            sample_grid(ema_model().eval(), run.dir / f"diffusion_{step:06d}.png", args.seed)
+            grid = sample_grid if text else task_grid
+            grid(ema_model().eval(), run.dir / f"diffusion_{step:06d}.png", args.seed)
         if time.time() - last_ckpt > 60 * args.ckpt_minutes or step in (args.steps, args.stop_at):
             checkpoint()
             last_ckpt = time.time()
@@ -377,19 +506,25 @@ def train_diffusion(args) -> Path:
 def export(out: str | os.PathLike, path: str | os.PathLike, dtype: str = "float32", force: bool = False):
     """The run's final EMA weights + autoencoder -> one ldm_mini .safetensors file (loading.save's format)."""
     state = Run(out, "diffusion").load()
-    ae = load_autoencoder(out)
-    tokenizer = Tokenizer.from_vocab(state["vocab"])
+    task = state.get("task", "txt2img")  # (checkpoints from before the other tasks are txt2img)
+    if "autoencoder_state" in state:
+        ae = build_autoencoder(config_from_values(AutoencoderConfig, state["autoencoder_config"], str(out)))
+        ae.load_state_dict(state["autoencoder_state"], strict=True)
+    else:
+        ae = load_autoencoder(out)
+    tokenizer = Tokenizer.from_vocab(state["vocab"]) if state["vocab"] else None
     with torch.device("meta"):  # shapes only: the weights come from the checkpoint
-        m = build_model(ae, tokenizer, state["scale_factor"])
-    m.autoencoder = ae
+        m = build_task_model(task, ae, state["scale_factor"], tokenizer)
+    m.autoencoder = ae.eval()
     m.unet.load_state_dict({k[5:]: v for k, v in state["ema"].items() if k.startswith("unet.")}, assign=True)
-    m.text_encoder.load_state_dict(
-        {k[13:]: v for k, v in state["ema"].items() if k.startswith("text_encoder.")}, assign=True
-    )
+    if m.text_encoder is not None:
+        m.text_encoder.load_state_dict(
+            {k[13:]: v for k, v in state["ema"].items() if k.startswith("text_encoder.")}, assign=True
+        )
     source = (f"ldm_mini.train shapes world: {state['step']} diffusion steps, EMA weights, "
               f"{state['elapsed'] / 60:.1f} min of diffusion training")  # fmt: skip
     dtype = {"float32": None, "float16": torch.float16}[dtype]
-    return save(m, path, force=force, dtype=dtype, source=source, recommended=RECOMMENDED)
+    return save(m, path, force=force, dtype=dtype, source=source, recommended=RECOMMENDED_OF[task])
 
 
 # --- command line ----------------------------------------------------------------------------------------
@@ -426,8 +561,13 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
         p.add_argument("--no-progress", dest="progress", action="store_false")
         if stage == "autoencoder":
+            p.add_argument("--kind", choices=tuple(AUTOENCODERS), default="kl", help="KL-f4 or VQ-f4")
             p.add_argument("--kl-weight", type=float, default=1e-6)
+            p.add_argument("--restart-every", type=int, default=100, help="VQ: restart unused codes")
+            p.add_argument("--restart-until", type=int, default=1200, help="VQ: last step of the restarts")
         else:
+            p.add_argument("--task", choices=TASKS, default="txt2img")
+            p.add_argument("--autoencoder", help="the run folder of the stage-1 model (default: --out)")
             p.add_argument("--uncond-prob", type=float, default=0.1, help="caption dropout to ''")
             p.add_argument("--ema-decay", type=float, default=0.999)
             p.add_argument("--scale-images", type=int, default=512, help="images for the latent scale")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ldm_mini import shapes, train
-from ldm_mini.autoencoder import AutoencoderKL
+from ldm_mini.autoencoder import AutoencoderKL, VQModel
 
 
 def fixed_loss(loss_fn, seed=0):
@@ -119,3 +119,86 @@ def test_lr_schedule():
     assert train.lr_at(10, 100, 1.0, 10) == pytest.approx(1.0)
     assert train.lr_at(100, 100, 1.0, 10) == pytest.approx(0.1)
     assert np.isclose(train.lr_at(55, 100, 1.0, 10), 0.55)
+
+
+# --- the VQ autoencoder and the unconditional / super-resolution models (shapes-vq, -uncond, -superres)
+def test_vq_autoencoder_steps_reduce_loss_and_train_the_codebook():
+    torch.manual_seed(0)
+    ae = VQModel(train.AUTOENCODER_VQ)
+    images, _, _ = shapes.sample_batch(4, 0)
+    opt = torch.optim.AdamW(ae.parameters(), lr=2e-3)
+    codebook = ae.quantize.embedding.weight.detach().clone()
+    before = train.vq_loss(ae, images)[0].item()
+    for _ in range(15):
+        train.train_step(ae, opt, train.vq_loss(ae, images)[0])
+    loss, recon, indices, parts = train.vq_loss(ae, images)
+    assert loss.item() < 0.7 * before, (before, loss.item())
+    assert recon.shape == images.shape and indices.shape == (4, 16, 16)
+    assert not torch.equal(ae.quantize.embedding.weight, codebook)  # the codebook term moves the codes
+    assert parts["codebook"] == pytest.approx(parts["commit"])  # the same distance, two stop-gradients
+
+
+def test_dead_codes_restart_on_encoder_outputs_and_perplexity_counts_used_codes():
+    ae = VQModel(train.AUTOENCODER_VQ)
+    z_e = torch.randn(2, 3, 16, 16)
+    counts = torch.zeros(train.AUTOENCODER_VQ.n_embed, dtype=torch.long)
+    counts[:10] = 5
+    kept = ae.quantize.embedding.weight[:10].detach().clone()
+    assert train.restart_dead_codes(ae, z_e, counts, torch.Generator().manual_seed(0)) == 502
+    assert torch.equal(ae.quantize.embedding.weight[:10], kept)  # used codes stay
+    pool = z_e.permute(0, 2, 3, 1).reshape(-1, 3)
+    restarted = ae.quantize.embedding.weight[10:]
+    assert ((restarted[:, None] - pool[None]).abs().sum(-1).min(dim=1).values == 0).all()  # encoder outputs
+    assert train.perplexity(counts) == pytest.approx(10.0)  # 10 codes used equally
+    assert train.perplexity(torch.tensor([1, 0, 0, 0])) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("task", ["unconditional", "superres"])
+def test_task_steps_reduce_loss(task):
+    torch.manual_seed(0)
+    ae = VQModel(train.AUTOENCODER_VQ).eval().requires_grad_(False)
+    m = train.build_task_model(task, ae, scale_factor=1.0)
+    assert m.kind == task and m.text_encoder is None
+    images, _, _ = shapes.sample_batch(4, 0)
+    opt = torch.optim.AdamW(m.unet.parameters(), lr=1e-3)
+    before = fixed_loss(lambda g: train.task_loss(m, images, g)).item()
+    for _ in range(15):
+        train.train_step(m.unet, opt, fixed_loss(lambda g: train.task_loss(m, images, g)))
+    after = fixed_loss(lambda g: train.task_loss(m, images, g)).item()
+    assert after < 0.7 * before, (before, after)
+
+
+def test_degrade_blurs_downsamples_and_noises_deterministically():
+    images, _, _ = shapes.sample_batch(3, 0)
+    low = shapes.degrade(images, torch.Generator().manual_seed(1))
+    assert low.shape == (3, 3, 16, 16) and low.min() >= -1 and low.max() <= 1
+    assert torch.equal(low, shapes.degrade(images, torch.Generator().manual_seed(1)))
+    clean = shapes.degrade(images, torch.Generator().manual_seed(1), max_noise=0.0)
+    flat = -torch.ones(1, 3, 64, 64) * 0.5  # a flat image stays flat (the blur sums to one)
+    assert torch.allclose(shapes.degrade(flat, torch.Generator(), max_noise=0.0), flat[..., :16, :16])
+    assert 0 < (low - clean).abs().max() <= 0.25  # noise of std <= 0.05
+    # the mean of each 4x4 patch of the blurred image: close to the plain patch mean of the image
+    assert (clean - torch.nn.functional.avg_pool2d(images, 4)).abs().mean() < 0.1
+
+
+def test_task_runs_resume_exactly_and_export_a_model_of_their_kind(tmp_path):
+    """A VQ stage 1, then an unconditional and a superres stage 2 on it (--autoencoder): cut off and resumed
+    = uninterrupted; export writes a file that ldm_mini.load reads as that kind, with its recommended
+    steps."""
+    import ldm_mini
+
+    vq = tmp_path / "vq"
+    run_stage(vq, "autoencoder", "--kind", "vq", "--restart-every", "2")
+    for task in ("unconditional", "superres"):
+        straight, cut = tmp_path / f"{task}-straight", tmp_path / f"{task}-cut"
+        extra = ["--task", task, "--autoencoder", str(vq)]
+        full = run_stage(straight, "diffusion", *extra)
+        run_stage(cut, "diffusion", *extra, "--stop-at", "2")
+        assert_same_state(run_stage(cut, "diffusion", *extra, "--resume"), full)
+        train.main(["export", str(cut), str(tmp_path / f"{task}.safetensors")])
+        m = ldm_mini.load(tmp_path / f"{task}.safetensors")
+        assert m.kind == task and m.recommended == train.RECOMMENDED_OF[task]
+        assert isinstance(m.autoencoder, VQModel)
+    with pytest.raises(ValueError, match="another task"):
+        run_stage(tmp_path / "superres-cut", "diffusion", "--task", "unconditional", "--autoencoder", str(vq),
+                  "--resume")  # fmt: skip
