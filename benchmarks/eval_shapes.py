@@ -150,16 +150,17 @@ def main(argv=None):
         print(f"wrote {HERE / 'RESULTS.md'} and {HERE / 'shapes_grid.png'}")
 
 
-def write_section(path: Path, text: str) -> None:
-    """Put `text` between the BEGIN/END markers of the shapes section (created if missing); keep the rest."""
+def write_section(path: Path, text: str, begin=BEGIN, end=END, section=SECTION) -> None:
+    """Put `text` between the begin/end markers of a section of RESULTS.md (created if missing); keep the
+    rest. (Each benchmark script that writes RESULTS.md owns one pair of markers.)"""
     doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in doc and END in doc:
-        doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, doc, flags=re.S)
-    elif SECTION in doc:
-        doc = doc.replace(SECTION, f"{SECTION}\n\n{block}\n", 1)
+    block = f"{begin}\n{text}\n{end}"
+    if begin in doc and end in doc:
+        doc = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, doc, flags=re.S)
+    elif section in doc:
+        doc = doc.replace(section, f"{section}\n\n{block}\n", 1)
     else:
-        doc = doc.rstrip("\n") + f"\n\n{SECTION}\n\n{block}\n"
+        doc = doc.rstrip("\n") + f"\n\n{section}\n\n{block}\n"
     path.write_text(doc)
 
 

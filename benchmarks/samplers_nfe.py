@@ -24,7 +24,6 @@ another image, not to the ODE's: their distance stays large by design; the judge
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ldm_mini  # noqa: E402
+from benchmarks.eval_shapes import write_section  # noqa: E402
 from benchmarks.shapes_judge import judge  # noqa: E402
 from ldm_mini import schedule, shapes  # noqa: E402
 
@@ -168,7 +168,9 @@ def main(argv=None):
     print(text)
     if args.write:
         plot(results, HERE / "samplers_nfe.png")
-        write_section(HERE / "RESULTS.md", text + "\n\n![error vs model calls](samplers_nfe.png)")
+        write_section(
+            HERE / "RESULTS.md", text + "\n\n![error vs model calls](samplers_nfe.png)", BEGIN, END, SECTION
+        )
         print(f"wrote {HERE / 'RESULTS.md'} and {HERE / 'samplers_nfe.png'}")
 
 
@@ -232,17 +234,6 @@ def plot(results, path: Path) -> None:
                  "(dotted: Karras sigmas, dashed: stochastic)")  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-
-
-def write_section(path: Path, text: str) -> None:
-    """Put `text` between this benchmark's markers in RESULTS.md (a new section at the end if missing)."""
-    doc = path.read_text()
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in doc and END in doc:
-        doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, doc, flags=re.S)
-    else:
-        doc = doc.rstrip("\n") + f"\n\n{SECTION}\n\n{block}\n"
-    path.write_text(doc)
 
 
 if __name__ == "__main__":

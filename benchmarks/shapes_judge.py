@@ -40,7 +40,8 @@ from ldm_mini.shapes import (  # noqa: E402
     signed_distance,
 )
 
-__all__ = ["ATTRIBUTES", "Blob", "evaluate", "find_blobs", "judge", "parse_caption", "summarize"]
+__all__ = ["ATTRIBUTES", "SCENE_CHECKS", "Blob", "evaluate", "find_blobs", "judge", "judge_scene",
+           "parse_caption", "summarize"]  # fmt: skip
 
 ATTRIBUTES = ("count", "colour", "shape", "binding", "size", "position")
 _COLOURS = np.array(list(PALETTE.values()), np.float32)  # (K, 3)
@@ -55,6 +56,7 @@ class Blob:
     y: float
     area: int
     iou: float  # with the chosen ideal shape
+    extent: tuple[int, int] = (0, 0)  # bounding box (height, width), pixels
 
 
 def as_rgb_uint8(image, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
@@ -102,7 +104,7 @@ def _describe(mask: np.ndarray, colour: str) -> Blob:
         ious[s] = float((crop & t).sum() / (crop | t).sum())
     shape = max(ious, key=ious.get)
     size = min(SIZES, key=lambda k: abs(SIZES[k] - max(h, w)))
-    return Blob(colour, shape, size, (x0 + x1) / 2, (y0 + y1) / 2, int(mask.sum()), ious[shape])
+    return Blob(colour, shape, size, (x0 + x1) / 2, (y0 + y1) / 2, int(mask.sum()), ious[shape], (h, w))
 
 
 def _grow(core: np.ndarray, alpha: np.ndarray, free: np.ndarray, steps: int = 3) -> np.ndarray:
@@ -184,6 +186,46 @@ def judge(image, caption: str | Spec, **find_kwargs) -> dict:
         "position": found and _position_ok(spec.where, matched),
     }
     out["correct"] = all(out.values())
+    out["blobs"] = blobs
+    return out
+
+
+SCENE_CHECKS = ("count", "shapes", "sizes", "colours", "clean")
+
+
+def judge_scene(image, *, min_iou: float = 0.8, size_slack: float = 3.0, max_stray: int = 8,
+                **find_kwargs) -> dict:  # fmt: skip
+    """Without a caption: could this image be a scene of the shapes world? For unconditional samples.
+
+    count    1 to 3 blobs (the dataset's scenes)
+    shapes   every blob is its ideal shape: IoU >= min_iou (the dataset's own: >= 0.9)
+    sizes    every blob's bounding-box extent is within size_slack pixels of one of SIZES
+    colours  no colour twice (the dataset's scenes use distinct colours)
+    clean    no stray marks: at most max_stray pixels that are far from the background (more than a
+             third of the way to the nearest palette colour) and more than one pixel from every blob
+    "valid" = all of them; "blobs" as judge()."""
+    blobs = find_blobs(image, **find_kwargs)
+    rgb = as_rgb_uint8(image, find_kwargs.get("value_range", (-1.0, 1.0))).astype(np.float32)
+    dist = np.linalg.norm(rgb[:, :, None, :] - _COLOURS, axis=-1)  # (64, 64, K)
+    bg = np.median(rgb.reshape(-1, 3), axis=0)  # shapes cover less than half of every scene
+    to_bg = np.linalg.norm(rgb - bg, axis=-1)
+    # "marked": at least a third of the way from the background to its nearest palette colour c (for x on
+    # the segment bg -> c at a fraction a: |x - bg| > |x - c| / 2 exactly when a > 1/3)
+    marked = to_bg > 0.5 * dist.min(-1)  # (64, 64)
+    covered = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
+    yy, xx = np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE] + 0.5
+    for b in blobs:  # each blob's box, grown by 1.5 px: its anti-aliased rim
+        half = SIZES[b.size] / 2 + size_slack + 1.5
+        covered |= (np.abs(xx - b.x) <= half) & (np.abs(yy - b.y) <= half)
+    extents = [max(b.extent) for b in blobs]
+    out = {
+        "count": 1 <= len(blobs) <= 3,
+        "shapes": all(b.iou >= min_iou for b in blobs),
+        "sizes": all(min(abs(e - v) for v in SIZES.values()) <= size_slack for e in extents),
+        "colours": len({b.colour for b in blobs}) == len(blobs),
+        "clean": int((marked & ~covered).sum()) <= max_stray,
+    }
+    out["valid"] = all(out.values())
     out["blobs"] = blobs
     return out
 

@@ -1,0 +1,202 @@
+"""Judge-based evaluation of the embedded VQ, super-resolution and unconditional shapes models.
+
+shapes-vq        reconstructions of fresh scenes: PSNR, the judge's accuracy against their captions, and
+                 the codebook's usage (perplexity: how many equally used codes the usage amounts to),
+                 beside the KL autoencoder of the text model (shapes) on the same scenes
+shapes-superres  held-out scenes, degraded (shapes.degrade: blur, 4x down, noise) to 16x16 and brought
+                 back to 64x64 by the model and by bicubic interpolation: PSNR against the ground truth and
+                 the judge's accuracy against the captions, for both
+shapes-uncond    samples judged without a caption (shapes_judge.judge_scene: 1-3 blobs, each a known
+                 shape of a known size in a palette colour, no colour twice, no stray marks), and the
+                 distribution of their shape counts, shapes and colours against the training data's
+                 (total variation distance)
+
+python benchmarks/eval_tasks.py                        # prints the tables (n = 200 each)
+python benchmarks/eval_tasks.py --write                # also writes RESULTS.md's section and the grid
+python benchmarks/eval_tasks.py --uncond runs/u.safetensors --only uncond --n 50
+"""
+
+import argparse
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ldm_mini  # noqa: E402
+from benchmarks.eval_shapes import write_section  # noqa: E402
+from benchmarks.shapes_judge import SCENE_CHECKS, judge, judge_scene  # noqa: E402
+from ldm_mini import shapes  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+BEGIN, END = "<!-- eval_tasks: begin -->", "<!-- eval_tasks: end -->"
+SECTION = "## Embedded VQ, super-resolution and unconditional models"
+
+
+def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1] (measured in [0, 1] units), over the whole batch."""
+    mse = ((x.clamp(-1, 1) - ref) / 2).pow(2).mean().item()
+    return 10 * np.log10(1 / mse)
+
+
+def accuracy(images: torch.Tensor, captions: list[str]) -> float:
+    """The fraction of images the judge reads as their caption says."""
+    return float(np.mean([judge(im, c)["correct"] for im, c in zip(images, captions, strict=True)]))
+
+
+def perplexity(indices: torch.Tensor, n_embed: int) -> tuple[float, int]:
+    """(exp(entropy) of the code usage, the number of codes used at all)."""
+    counts = torch.bincount(indices.flatten(), minlength=n_embed).float()
+    p = counts[counts > 0] / counts.sum()
+    return float(torch.exp(-(p * p.log()).sum())), int((counts > 0).sum())
+
+
+@torch.no_grad()
+def eval_vq(vq, kl, n: int, seed: int) -> dict:
+    """Both autoencoders on the same n fresh scenes (train split: what they were trained on)."""
+    images, captions, _ = shapes.sample_batch(n, np.random.default_rng([seed, 1]))
+    z_q, indices = vq.quantize(vq.encode(images))
+    out = {"vq": vq.decode(z_q, quantize=False), "kl": kl(images)}  # kl: the posterior mean, decoded
+    rows = {name: {"psnr": psnr(x, images), "judge": accuracy(x, captions)} for name, x in out.items()}
+    rows["vq"]["perplexity"], rows["vq"]["codes used"] = perplexity(indices, vq.config.n_embed)
+    rows["ground truth"] = {"judge": accuracy(images, captions)}
+    return rows
+
+
+@torch.no_grad()
+def eval_superres(m, n: int, seed: int, steps: int) -> tuple[dict, torch.Tensor]:
+    """Held-out scenes (colour+shape pairs never seen in training), degraded and restored."""
+    images, captions, _ = shapes.sample_batch(n, np.random.default_rng([seed, 2]), split="heldout")
+    low = shapes.degrade(images, torch.Generator().manual_seed(seed))  # (n, 3, 16, 16)
+    sr = ldm_mini.superres(m, low, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+                           output_type="pt", progress=False) * 2 - 1  # fmt: skip
+    bicubic = F.interpolate(low, scale_factor=4, mode="bicubic").clamp(-1, 1)
+    rows = {name: {"psnr": psnr(x, images), "judge": accuracy(x, captions)}
+            for name, x in (("bicubic", bicubic), ("LDM", sr))}  # fmt: skip
+    rows["ground truth"] = {"judge": accuracy(images, captions)}
+    grid = torch.cat(
+        [F.interpolate(low[:8], scale_factor=4, mode="nearest"), bicubic[:8], sr[:8], images[:8]]
+    )
+    return rows, grid
+
+
+def scene_stats(images: torch.Tensor) -> tuple[dict, dict]:
+    """judge_scene over a batch: (fraction passing each check and "valid", distributions of the valid ones:
+    shape count, shapes, colours)."""
+    verdicts = [judge_scene(im) for im in images]
+    passed = {k: float(np.mean([v[k] for v in verdicts])) for k in (*SCENE_CHECKS, "valid")}
+    valid = [v["blobs"] for v in verdicts if v["valid"]]
+    dist = {
+        "count": Counter(len(b) for b in valid),
+        "shape": Counter(x.shape for b in valid for x in b),
+        "colour": Counter(x.colour for b in valid for x in b),
+    }
+    return passed, dist
+
+
+def total_variation(a: Counter, b: Counter) -> float:
+    """Half the L1 distance of two normalised histograms: 0 = the same distribution, 1 = disjoint."""
+    keys, na, nb = set(a) | set(b), sum(a.values()) or 1, sum(b.values()) or 1
+    return 0.5 * sum(abs(a[k] / na - b[k] / nb) for k in keys)
+
+
+@torch.no_grad()
+def eval_uncond(m, n: int, seed: int, steps: int) -> tuple[dict, torch.Tensor]:
+    images = ldm_mini.unconditional(m, n, num_inference_steps=steps, output_type="pt", progress=False,
+                                    generator=torch.Generator().manual_seed(seed)) * 2 - 1  # fmt: skip
+    truth, _, _ = shapes.sample_batch(n, np.random.default_rng([seed, 3]))  # the training distribution
+    (passed, dist), (true_passed, true_dist) = scene_stats(images), scene_stats(truth)
+    rows = {"samples": passed, "training data": true_passed}
+    tv = {k: total_variation(dist[k], true_dist[k]) for k in dist}
+    rows["samples"].update({f"TV {k}": v for k, v in tv.items()})
+    rows["histograms"] = {
+        k: (dict(sorted(dist[k].items())), dict(sorted(true_dist[k].items()))) for k in dist
+    }
+    return rows, images[:16]
+
+
+def table(rows: dict, columns: list[str]) -> str:
+    def cell(v):
+        return "" if v is None else f"{v:.1f}" if isinstance(v, float) and v > 1.5 else (
+            f"{100 * v:.1f}%" if isinstance(v, float) else str(v))  # fmt: skip
+
+    head = "| | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns)
+    body = [
+        "| " + name + " | " + " | ".join(cell(r.get(c)) for c in columns) + " |" for name, r in rows.items()
+    ]
+    return "\n".join([head, *body])
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
+    """(N, 3, 64, 64) in [-1, 1] -> one PNG with a 2-pixel white gutter."""
+    n, _, h, w = images.shape
+    rows = -(-n // nrow)
+    grid = np.full((rows * (h + 2), nrow * (w + 2), 3), 255, np.uint8)
+    for i, im in enumerate(((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()):
+        r, c = divmod(i, nrow)
+        grid[r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = im
+    PIL.Image.fromarray(grid).save(path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vq", default="shapes-vq", help="the VQ autoencoder (name or file)")
+    ap.add_argument("--superres", default="shapes-superres")
+    ap.add_argument("--uncond", default="shapes-uncond")
+    ap.add_argument("--only", choices=("vq", "superres", "uncond"), action="append")
+    ap.add_argument("--n", type=int, default=200, help="scenes / samples per model (default 200)")
+    ap.add_argument("--steps", type=int, help="sampler steps (default: each file's recommended)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--write", action="store_true", help="write RESULTS.md's section and the grids")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    parts, start = [], time.time()
+    which = args.only or ["vq", "superres", "uncond"]
+    if "vq" in which:
+        rows = eval_vq(
+            ldm_mini.load_autoencoder(args.vq), ldm_mini.load("shapes").autoencoder, args.n, args.seed
+        )
+        parts.append(f"### shapes-vq: reconstructions of {args.n} fresh scenes\n\n"
+                     + table(rows, ["psnr", "judge", "perplexity", "codes used"])  # fmt: skip
+                     + "\n\n(psnr in dB; judge: the fraction read as the caption says; kl = the KL-f4 of the "
+                     "text model, for comparison)")  # fmt: skip
+    if "superres" in which:
+        m = ldm_mini.load(args.superres)
+        steps = args.steps or m.recommended.get("steps", 50)
+        rows, grid = eval_superres(m, args.n, args.seed, steps)
+        parts.append(f"### shapes-superres: {args.n} held-out scenes, 16x16 -> 64x64, DDIM {steps} steps\n\n"
+                     + table(rows, ["psnr", "judge"]) + "\n\n![superres](tasks_superres.png)\n\nRows: the "
+                     "16x16 input (nearest), bicubic, the LDM, the ground truth.")  # fmt: skip
+        if args.write:
+            save_grid(grid, HERE / "tasks_superres.png", nrow=8)
+    if "uncond" in which:
+        m = ldm_mini.load(args.uncond)
+        steps = args.steps or m.recommended.get("steps", 50)
+        rows, samples = eval_uncond(m, args.n, args.seed, steps)
+        hist = rows.pop("histograms")
+        lines = [f"- {k}: samples {a} vs training data {b}" for k, (a, b) in hist.items()]
+        parts.append(f"### shapes-uncond: {args.n} samples, DDIM {steps} steps\n\n"
+                     + table(rows, [*SCENE_CHECKS, "valid", "TV count", "TV shape", "TV colour"])
+                     + "\n\n(the fraction passing each check of judge_scene; TV: total variation distance of "
+                     "the valid samples' histograms to the training data's, 0 = equal)\n\n" + "\n".join(lines)
+                     + "\n\n![samples](tasks_uncond.png)")  # fmt: skip
+        if args.write:
+            save_grid(samples, HERE / "tasks_uncond.png", nrow=8)
+    text = (
+        "\n\n".join(parts) + f"\n\n(`python benchmarks/eval_tasks.py`, {time.time() - start:.0f} s on a CPU)"
+    )
+    print(text)
+    if args.write:
+        write_section(HERE / "RESULTS.md", text, BEGIN, END, SECTION)
+        print(f"wrote {HERE / 'RESULTS.md'}")
+
+
+if __name__ == "__main__":
+    main()
