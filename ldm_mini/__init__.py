@@ -20,9 +20,9 @@ The converters (weights_tools/) sit between the two: they import the core, and t
 
 from . import samplers, schedule
 from .hub import load
-from .loading import save
+from .loading import load_autoencoder, save
 from .model import LatentDiffusion
 from .pipeline import class_conditional, layout_to_image, semantic_synthesis, superres, txt2img, unconditional
 
-__all__ = ["LatentDiffusion", "class_conditional", "layout_to_image", "load", "samplers", "save", "schedule",
-           "semantic_synthesis", "superres", "txt2img", "unconditional"]  # fmt: skip
+__all__ = ["LatentDiffusion", "class_conditional", "layout_to_image", "load", "load_autoencoder", "samplers",
+           "save", "schedule", "semantic_synthesis", "superres", "txt2img", "unconditional"]  # fmt: skip
