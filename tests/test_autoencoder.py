@@ -272,7 +272,7 @@ def test_misshaped_config_fails_strict_loading():
         (dict(ch=48, norm_num_groups=32), "divisible by norm_num_groups=32"),
         (dict(ch_mult=()), "at least one level"),
         (dict(ch_mult=(1, 1), attn_resolutions=(32,)), r"among the level sides .* \[256, 128\]"),
-        (dict(resolution=0), "among the level sides"),
+        (dict(resolution=0), "resolution is the training image side"),
     ],
 )
 def test_bad_config_is_a_clear_error(kwargs, message):
