@@ -73,8 +73,12 @@ def check_config(cfg: AutoencoderConfig) -> None:
             f"GroupNorm needs channels divisible by norm_num_groups={cfg.norm_num_groups}, but "
             f"ch * ch_mult gives {bad}: change ch, ch_mult or norm_num_groups."
         )
+    if cfg.resolution < 1:
+        raise ValueError(
+            f"resolution is the training image side (256 for every CompVis model), got {cfg.resolution}."
+        )
     sides = [cfg.resolution // 2**i for i in range(len(cfg.ch_mult))]
-    if cfg.resolution < 1 or not set(cfg.attn_resolutions) <= set(sides):
+    if not set(cfg.attn_resolutions) <= set(sides):
         raise ValueError(
             f"attn_resolutions {cfg.attn_resolutions} must be among the level sides resolution / 2^level = "
             f"{sides} (resolution={cfg.resolution}): no level works at "

@@ -1,4 +1,5 @@
-"""ldm_mini's weight file: one .safetensors holding a whole LatentDiffusion model, and its loader.
+"""ldm_mini's weight file: one .safetensors holding a whole LatentDiffusion model (or a first stage alone),
+and its loaders.
 
 The file format (written by weights_tools from diffusers folders or CompVis .ckpt files, and by
 train.py for the embedded model):
@@ -24,6 +25,11 @@ train.py for the embedded model):
         recommended          optional JSON of sampler settings the model is meant to be sampled with,
                              e.g. {"steps": 20, "guidance": 4.0} (the command line's defaults)
 
+A first-stage autoencoder alone (CompVis models/first_stage_models, converted by weights_tools) is a file of
+kind "autoencoder" (AUTOENCODER_KIND): its tensors carry the autoencoder's own names ("encoder.*",
+"decoder.*", "quant_conv.*", ...: those of AutoencoderKL / VQModel) and its metadata only format, kind,
+autoencoder_config and source. load_autoencoder reads it; load_file refuses it, and the other way round.
+
 Loading builds every module on the meta device (no wasted random init), checks that the file has
 exactly the keys and shapes the model expects, then assigns the file's tensors (mmap'd by
 safetensors) as parameters. With `fast` (the default on a CPU, see ldm_mini/fast.py) it then swaps in the
@@ -48,7 +54,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import fast as fast_layers
-from .autoencoder import AutoencoderConfig, build_autoencoder
+from .autoencoder import AutoencoderConfig, AutoencoderKL, VQModel, build_autoencoder
 from .bert import LDMBert, LDMBertConfig
 from .conditioning import (
     ClassEmbedder,
@@ -69,6 +75,7 @@ FORMATS = ("ldm_mini/1", FORMAT)  # what load_file reads; it writes FORMAT
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 EMBEDDED = {"shapes": WEIGHTS_DIR / "shapes.safetensors"}  # shipped inside the package (train.py)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+AUTOENCODER_KIND = "autoencoder"  # a file holding a first stage alone (not one of model.KINDS)
 
 
 # --- key names: ldm_mini's = diffusers' but for these fragments -------------------------------------------
@@ -197,13 +204,41 @@ def make_metadata(
     return meta
 
 
-def build_empty(meta: dict[str, str]) -> LatentDiffusion:
-    """The model a file describes, with its parameters on the meta device (no memory, no init)."""
+def make_autoencoder_metadata(autoencoder: AutoencoderConfig, source: str = "") -> dict[str, str]:
+    """The metadata of a file that holds a first-stage autoencoder alone."""
+    return {"format": FORMAT, "kind": AUTOENCODER_KIND, "autoencoder_config": config_to_json(autoencoder),
+            "source": source}  # fmt: skip
+
+
+def check_format(meta: dict[str, str], autoencoder: bool) -> None:
+    """A ValueError unless `meta` is ldm_mini's, of an autoencoder alone (autoencoder=True) or of a latent
+    diffusion model (False); the message names the function that reads the file."""
     if meta.get("format") not in FORMATS:
         raise ValueError(
             f"not an ldm_mini weight file (format {meta.get('format')!r}): convert diffusers folders and "
             "CompVis .ckpt files first with `python -m weights_tools.convert SOURCE OUT.safetensors`"
         )
+    if autoencoder and meta.get("kind") != AUTOENCODER_KIND:
+        raise ValueError(f"the file holds a {meta.get('kind')!r} latent diffusion model, not an autoencoder "
+                         "alone: read it with ldm_mini.load (then use model.autoencoder)")  # fmt: skip
+    if not autoencoder and meta.get("kind") == AUTOENCODER_KIND:
+        raise ValueError("the file holds a first-stage autoencoder alone, not a latent diffusion model: read "
+                         "it with ldm_mini.load_autoencoder")  # fmt: skip
+
+
+def build_empty_autoencoder(meta: dict[str, str]) -> AutoencoderKL | VQModel:
+    """The autoencoder a file of kind "autoencoder" describes, on the meta device."""
+    check_format(meta, autoencoder=True)
+    if not isinstance(meta.get("autoencoder_config"), str):
+        raise ValueError("the file's metadata lacks 'autoencoder_config': it was not written by ldm_mini")
+    cfg = config_from_json(AutoencoderConfig, meta["autoencoder_config"], "autoencoder_config")
+    with torch.device("meta"):
+        return build_autoencoder(cfg)
+
+
+def build_empty(meta: dict[str, str]) -> LatentDiffusion:
+    """The model a file describes, with its parameters on the meta device (no memory, no init)."""
+    check_format(meta, autoencoder=False)
     if missing := [k for k in ("kind", "unet_config", "autoencoder_config", "schedule", "scale_factor")
                    if not isinstance(meta.get(k), str)]:  # fmt: skip
         raise ValueError(f"the file's metadata lacks {missing}: it was not written by ldm_mini")
@@ -319,7 +354,8 @@ def write_file(
         raise FileExistsError(f"{path} exists: pass --force (force=True) to overwrite it")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"the folder of {path} does not exist: create it first")
-    check_state_dict(build_empty(meta), tensors, source=f"the tensors for {path.name}")
+    model = build_empty_autoencoder(meta) if meta.get("kind") == AUTOENCODER_KIND else build_empty(meta)
+    check_state_dict(model, tensors, source=f"the tensors for {path.name}")
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     tensors = {k: v.contiguous() for k, v in tensors.items()}
@@ -407,15 +443,48 @@ def load_file(
     in the file, float32 for float32 files); fast: swap in ldm_mini.fast's CPU layers (None: where they are
     faster, fast.default_on(device); False: plain PyTorch layers, bit-identical to diffusers).
     """
-    path = Path(path)
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    device = check_device(device)
+    meta = read_metadata(path)
+    model = build_empty(meta)
+    assign_weights(model, path, meta, device, dtype)
+    model.alphas_cumprod = model.alphas_cumprod.to(device)  # the only non-persistent buffer
+    if fast is None:
+        fast = fast_layers.default_on(device)
+    if fast:
+        fast_layers.enable(model)
+    return model.eval().requires_grad_(False)
+
+
+def load_autoencoder(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> AutoencoderKL | VQModel:
+    """Read a file of kind "autoencoder" (a converted CompVis first stage) as an eval-mode AutoencoderKL or
+    VQModel. device, dtype: as load_file's."""
+    device = check_device(device)
+    meta = read_metadata(path)
+    model = build_empty_autoencoder(meta)
+    assign_weights(model, path, meta, device, dtype)
+    return model.eval().requires_grad_(False)
+
+
+def check_device(device: str | torch.device | None) -> torch.device:
+    """The device to load onto (default CPU), or a ValueError when this machine has none of that kind."""
     device = torch.device(device or "cpu")
     for kind, available in (("cuda", torch.cuda.is_available), ("mps", torch.backends.mps.is_available)):
         if device.type == kind and not available():
             raise ValueError(f"device={str(device)!r}: no {kind.upper()} device is available here (torch "
                              f"{torch.__version__}); use device='cpu'")  # fmt: skip
-    meta = read_metadata(path)
-    model = build_empty(meta)
+    return device
+
+
+def assign_weights(model: nn.Module, path: str | os.PathLike, meta: dict[str, str], device: torch.device,
+                   dtype: torch.dtype | str | None) -> None:  # fmt: skip
+    """Put the file's tensors (mmap'd by safetensors) into the meta-device `model` as its parameters, after
+    checking their keys and shapes; floating-point ones cast to `dtype` when given."""
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
     if meta["format"] == "ldm_mini/1":  # diffusers' names, from before DIFFUSERS_RENAMES
@@ -424,9 +493,3 @@ def load_file(
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
-    model.alphas_cumprod = model.alphas_cumprod.to(device)  # the only non-persistent buffer
-    if fast is None:
-        fast = fast_layers.default_on(device)
-    if fast:
-        fast_layers.enable(model)
-    return model.eval().requires_grad_(False)

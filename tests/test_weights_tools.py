@@ -180,11 +180,10 @@ def test_checkpoint_of_another_model_kind(tmp_path, uncond):
         convert(tmp_path / "vq.ckpt", tmp_path / "out.safetensors", config=uncond[1])
     assert str(e.value) == (
         f"{tmp_path / 'vq.ckpt'}: no model.diffusion_model.* weights, so not a CompVis LatentDiffusion "
-        "checkpoint (a first-stage autoencoder checkpoint; first keys ['decoder.conv_in.bias', "
-        "'decoder.conv_in.weight', "
-        "'decoder.conv_out.bias'])"
+        "checkpoint (a first-stage autoencoder checkpoint: pass its yaml, "
+        "models/first_stage_models/*/config.yaml)"
     )
-    # ... and with its own yaml (models/first_stage_models/vq-f4/config.yaml)
+    # ... and with a first stage's yaml (the released vq-f4's: full size, so the shapes do not fit)
     first_stage_yaml = ROOT / "tests/realconfigs/compvis/models/first_stage_models/vq-f4/config.yaml"
     message = one_line_error(
         cli(
@@ -195,9 +194,9 @@ def test_checkpoint_of_another_model_kind(tmp_path, uncond):
             first_stage_yaml,
         )
     )
-    assert message == (
-        f"{first_stage_yaml}: model.target is 'ldm.models.autoencoder.VQModel', not "
-        "ldm.models.diffusion.ddpm.LatentDiffusion: this converter reads latent diffusion models"
+    assert (
+        message.startswith(f"{tmp_path / 'vq.ckpt'}: ")
+        and "is the yaml the one for this checkpoint?" in message
     )
     # a diffusers .bin
     unet = UNet2DModel(

@@ -1,5 +1,10 @@
 """Convert an original CompVis/latent-diffusion checkpoint (.ckpt + its .yaml) to ldm_mini's one-file format.
 
+Two kinds of checkpoint, told apart by the yaml's model.target: a LatentDiffusion model (convert_checkpoint)
+or a first-stage autoencoder alone, ldm.models.autoencoder.AutoencoderKL / VQModel (convert_first_stage; the
+zoo's models/first_stage_models: keys encoder.*, decoder.*, quant_conv.*, post_quant_conv.*, VQ quantize.*,
+and the training loss.* (LPIPS, discriminator), dropped). The rest of this docstring is about the first.
+
 A CompVis .ckpt is a PyTorch Lightning checkpoint {"state_dict": ..., "optimizer_states": [...], ...}; only
 "state_dict" is read (weights_only, see common.py). It is the state of one
 `ldm.models.diffusion.ddpm.LatentDiffusion`, whose attributes prefix the keys:
@@ -31,7 +36,13 @@ from torch import Tensor
 from ldm_mini.autoencoder import AutoencoderConfig, attention_levels
 from ldm_mini.bert import LDMBertConfig
 from ldm_mini.conditioning import ClassEmbedderConfig, LayoutConfig, SpatialRescalerConfig
-from ldm_mini.loading import build_empty, config_from_values, make_metadata
+from ldm_mini.loading import (
+    build_empty,
+    build_empty_autoencoder,
+    config_from_values,
+    make_autoencoder_metadata,
+    make_metadata,
+)
 from ldm_mini.schedule import ScheduleConfig, make_alphas_cumprod
 from ldm_mini.unet import UNetConfig
 
@@ -290,7 +301,8 @@ BERT_TARGETS = {  # x-transformers TransformerWrapper encoders; the yaml gives w
     "ldm.modules.encoders.modules.TransformerEmbedder": False,  # token ids only
 }
 XT_HEADS, XT_HEAD_DIM, XT_FF_MULT = 8, 64, 4  # x-transformers defaults; BERTEmbedder passes none of them
-FIRST_STAGES = {
+LDM = "ldm.models.diffusion.ddpm.LatentDiffusion"
+FIRST_STAGES = {  # model.target of a first stage -> AutoencoderConfig.kind
     "ldm.models.autoencoder.AutoencoderKL": "kl",
     "ldm.models.autoencoder.VQModelInterface": "vq",
     "ldm.models.autoencoder.VQModel": "vq",
@@ -310,6 +322,7 @@ def need(d: dict, key: str, where: str):
 
 
 def read_yaml(path: Path) -> dict:
+    """The yaml's `model` section ({target, params}), whose target is LDM or one of FIRST_STAGES."""
     if not path.is_file():
         raise ConversionError(f"{path}: no such yaml file")
     try:
@@ -317,12 +330,18 @@ def read_yaml(path: Path) -> dict:
     except yaml.YAMLError as e:
         raise ConversionError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
     model = need(config, "model", str(path))
-    if model.get("target") != "ldm.models.diffusion.ddpm.LatentDiffusion":
+    if model.get("target") != LDM and model.get("target") not in FIRST_STAGES:
         raise ConversionError(
-            f"{path}: model.target is {model.get('target')!r}, not "
-            "ldm.models.diffusion.ddpm.LatentDiffusion: this converter reads latent diffusion models"
+            f"{path}: model.target is {model.get('target')!r}: this converter reads latent diffusion models "
+            f"({LDM}) and their first stages ({', '.join(FIRST_STAGES)})"
         )
-    return need(model, "params", f"{path}: model")
+    need(model, "params", f"{path}: model")
+    return model
+
+
+def is_first_stage(yaml_path: str | Path) -> bool:
+    """Whether the yaml describes a first-stage autoencoder alone (else a LatentDiffusion model)."""
+    return read_yaml(Path(yaml_path))["target"] in FIRST_STAGES
 
 
 def unet_config(p: dict, where: str) -> UNetConfig:
@@ -550,21 +569,30 @@ def packaged_vocab() -> str:
 
 
 # --- the checkpoint -----------------------------------------------------------------------------------
-def state_dict_of(ckpt: Path) -> dict[str, Tensor]:
+def state_dict_of(ckpt: Path, first_stage: bool = False) -> dict[str, Tensor]:
+    """The checkpoint's state_dict, of a LatentDiffusion model or (first_stage) an autoencoder alone; a
+    checkpoint of the other kind is a one-line error that says which yaml it needs."""
     obj = read_tensors(ckpt)
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not any(str(k).startswith("model.diffusion_model.") for k in state):
-        keys = sorted(str(k) for k in state)[:3] if isinstance(state, dict) else type(obj).__name__
+    if not isinstance(state, dict):
+        raise ConversionError(f"{ckpt}: not a checkpoint (a {type(obj).__name__}, not a dict of weights)")
+    keys = {str(k) for k in state}
+    is_ldm = any(k.startswith("model.diffusion_model.") for k in keys)
+    is_stage = "encoder.conv_in.weight" in keys
+    if first_stage and not is_stage:
+        hint = "a LatentDiffusion checkpoint: pass its yaml" if is_ldm else f"first keys {sorted(keys)[:3]}"
+        raise ConversionError(
+            f"{ckpt}: no encoder.conv_in.weight, so not a CompVis first-stage checkpoint ({hint})"
+        )
+    if not first_stage and not is_ldm:
         hint = (
-            "a first-stage autoencoder checkpoint"
-            if isinstance(state, dict) and "encoder.conv_in.weight" in state
-            else "a diffusers .bin? convert its pipeline folder instead"
-            if isinstance(state, dict)
-            else "not a dict"
+            "a first-stage autoencoder checkpoint: pass its yaml, models/first_stage_models/*/config.yaml"
+            if is_stage
+            else f"a diffusers .bin? convert its pipeline folder instead; first keys {sorted(keys)[:3]}"
         )
         raise ConversionError(
-            f"{ckpt}: no model.diffusion_model.* weights, so not a CompVis LatentDiffusion "
-            f"checkpoint ({hint}; first keys {keys})"
+            f"{ckpt}: no model.diffusion_model.* weights, so not a CompVis LatentDiffusion checkpoint "
+            f"({hint})"
         )
     return state
 
@@ -610,8 +638,14 @@ COND_STAGE = {  # CompVis cond_stage_model, by kind -> the ldm_mini attribute (m
 def model_configs(yaml_path: Path) -> dict:
     """The yaml -> make_metadata's arguments (kind, unet, autoencoder, schedule, scale_factor, text_encoder,
     vocab), and use_ema. Everything is checked here, before any weight is read."""
+    model = read_yaml(yaml_path)
+    if model["target"] != LDM:
+        raise ConversionError(
+            f"{yaml_path}: model.target is {model['target']!r}, a first-stage autoencoder alone, not a "
+            "LatentDiffusion model: convert it with convert_first_stage"
+        )
     try:
-        return _model_configs(read_yaml(yaml_path), f"{yaml_path}: model.params")
+        return _model_configs(model["params"], f"{yaml_path}: model.params")
     except TypeError as e:  # a yaml value of the wrong type that no check above named
         raise ConversionError(f"{yaml_path}: a value of the wrong type in the yaml ({e})") from None
 
@@ -719,7 +753,7 @@ def convert_state_dict(
     meta = make_metadata(
         **configs, source=f"CompVis {source or name} ({'EMA' if used_ema else 'raw'} UNet weights)"
     )
-    check_shapes(tensors, meta, sources, name)
+    check_shapes(tensors, build_empty(meta), sources, name)
     return tensors, meta
 
 
@@ -734,9 +768,50 @@ def convert_checkpoint(ckpt: str | Path, yaml_path: str | Path, ema: bool | None
     return convert_state_dict(state_dict_of(ckpt), configs, use_ema, ema, str(ckpt), source)
 
 
-def check_shapes(tensors: dict[str, Tensor], meta: dict[str, str], sources: dict[str, str], name: str):
-    """Every weight the yaml's model needs, each with its shape; errors name the CompVis key."""
-    want = build_empty(meta).state_dict()  # on the meta device: no memory
+def first_stage_config(yaml_path: str | Path) -> AutoencoderConfig:
+    """The yaml of a first stage alone (model.target AutoencoderKL / VQModel) -> its AutoencoderConfig."""
+    yaml_path = Path(yaml_path)
+    model = read_yaml(yaml_path)
+    if model["target"] not in FIRST_STAGES:
+        raise ConversionError(
+            f"{yaml_path}: model.target is {model['target']!r}, not a first-stage autoencoder: convert it "
+            "with convert_checkpoint"
+        )
+    try:
+        return autoencoder_config(model, f"{yaml_path}: model")
+    except TypeError as e:  # a yaml value of the wrong type that no check named
+        raise ConversionError(f"{yaml_path}: a value of the wrong type in the yaml ({e})") from None
+
+
+def convert_first_stage_state_dict(
+    state: dict[str, Tensor], cfg: AutoencoderConfig, name: str, source: str = ""
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A first stage's state_dict (AutoencoderKL / VQModel of ldm.models.autoencoder) -> (ldm_mini tensors,
+    metadata of kind "autoencoder"). The same tables as an LDM's first_stage_model.*, without the prefix;
+    loss.* is dropped. Works on meta tensors too (the tests' full-size key check)."""
+    sources: dict[str, str] = {}
+    try:
+        tensors = translate(state, autoencoder_modules(cfg), "", "", sources)
+    except ConversionError as e:
+        raise ConversionError(f"{name}: {e}") from None
+    meta = make_autoencoder_metadata(cfg, source=f"CompVis {source or name}")
+    check_shapes(tensors, build_empty_autoencoder(meta), sources, name)
+    return tensors, meta
+
+
+def convert_first_stage(ckpt: str | Path, yaml_path: str | Path):
+    """A CompVis first-stage .ckpt (models/first_stage_models/*/model.ckpt) and its .yaml -> (ldm_mini
+    tensors, ldm_mini metadata of kind "autoencoder", which ldm_mini.load_autoencoder reads)."""
+    ckpt, yaml_path = Path(ckpt), Path(yaml_path)
+    cfg = first_stage_config(yaml_path)  # first: a wrong yaml fails before the weights are read
+    source = f"checkpoint {ckpt.name} with {yaml_path.name}"
+    return convert_first_stage_state_dict(state_dict_of(ckpt, first_stage=True), cfg, str(ckpt), source)
+
+
+def check_shapes(tensors: dict[str, Tensor], model: torch.nn.Module, sources: dict[str, str], name: str):
+    """Every weight the yaml's model (built on the meta device) needs, each with its shape; errors name the
+    CompVis key."""
+    want = model.state_dict()
     if missing := sorted(want.keys() - tensors.keys()):
         raise ConversionError(
             f"{name}: {len(missing)} weight(s) of the yaml's model are missing, e.g. {missing[0]}: "

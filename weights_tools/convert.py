@@ -2,8 +2,9 @@
 
 SOURCE is a diffusers pipeline folder (LDMTextToImagePipeline, LDMPipeline, LDMSuperResolutionPipeline)
 or an original CompVis/latent-diffusion checkpoint (.ckpt with its --config .yaml). The output is ONE
-.safetensors file that `ldm_mini.load()` reads. It is written atomically and never over an existing file
-unless --force is given.
+.safetensors file that `ldm_mini.load()` reads, or, for a CompVis first-stage checkpoint (the yaml's
+model.target an ldm.models.autoencoder class), `ldm_mini.load_autoencoder()`. It is written atomically and
+never over an existing file unless --force is given.
 """
 
 from __future__ import annotations
@@ -41,9 +42,17 @@ def convert(
     elif source.suffix in PICKLE_SUFFIXES:
         if config is None:
             raise ConversionError(f"{source}: a CompVis checkpoint needs its yaml: pass --config MODEL.yaml")
-        from .compvis import convert_checkpoint
+        from .compvis import convert_checkpoint, convert_first_stage, is_first_stage
 
-        tensors, meta = convert_checkpoint(source, config, ema=ema)
+        if not is_first_stage(config):
+            tensors, meta = convert_checkpoint(source, config, ema=ema)
+        elif ema is not None or scale_factor is not None:
+            raise ConversionError(
+                f"{config}: a first-stage autoencoder has no EMA weights and no latent scale factor: convert "
+                "it without --ema/--no-ema/--scale-factor"
+            )
+        else:
+            tensors, meta = convert_first_stage(source, config)
     elif not source.exists():
         raise ConversionError(f"{source}: no such file or folder")
     else:
@@ -56,7 +65,8 @@ def convert(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m weights_tools.convert",
-        description="Convert Latent Diffusion weights (a diffusers folder or a CompVis .ckpt) to one file.",
+        description="Convert Latent Diffusion weights (a diffusers folder or a CompVis .ckpt, also a first "
+        "stage's) to one file.",
         epilog="example: python -m weights_tools.convert ./ldm-celebahq-256 celebahq.safetensors "
         "--dtype float16",
     )

@@ -1,8 +1,9 @@
 """python -m weights_tools.info FILE.safetensors
 
 Says what an ldm_mini weight file holds: model kind, configs, schedule, scale factor, tokenizer, parameter
-counts, dtypes and size per component. It reads only the file's header (safetensors: an 8-byte little-endian
-length, then a JSON table {name: {dtype, shape, data_offsets}, "__metadata__": {...}}); no model is built
+counts, dtypes and size per component (for a first-stage autoencoder alone: its config, counts and size).
+It reads only the file's header (safetensors: an 8-byte little-endian length, then a JSON table {name:
+{dtype, shape, data_offsets}, "__metadata__": {...}}); no model is built
 and no weight is read, so it is instant even for a 3 GB file.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 COMPONENTS = ("unet", "autoencoder", "text_encoder")
 FORMATS = ("ldm_mini/1", "ldm_mini/2")  # = ldm_mini.loading.FORMATS, not imported: this reads no tensors
+AUTOENCODER_KIND = "autoencoder"  # = ldm_mini.loading.AUTOENCODER_KIND: keys without a component prefix
 
 
 def read_header(path: Path) -> tuple[dict, dict[str, str]]:
@@ -48,8 +50,11 @@ def summary(path: str | Path) -> str:
         f"{path}: {meta['format']}, {path.stat().st_size / 2**20:.1f} MiB",
         f"kind          {meta.get('kind')}",
         f"source        {meta.get('source') or '-'}",
-        f"scale_factor  {meta.get('scale_factor')}",
     ]
+    if meta.get("kind") == AUTOENCODER_KIND:
+        lines += component("autoencoder", table, meta.get("autoencoder_config"))
+        return "\n".join(lines)
+    lines.append(f"scale_factor  {meta.get('scale_factor')}")
     schedule = json.loads(meta.get("schedule", "{}"))
     lines.append("schedule      " + ", ".join(f"{k}={v}" for k, v in schedule.items()))
     vocab = meta.get("tokenizer_vocab")
@@ -61,21 +66,24 @@ def summary(path: str | Path) -> str:
     total = 0
     for part in COMPONENTS:
         tensors = {k: v for k, v in table.items() if k.startswith(part + ".")}
-        config = meta.get(f"{part}_config")
-        if not tensors:
-            lines.append(f"{part:13} -")
-            continue
-        count = sum(math.prod(t["shape"]) for t in tensors.values())
-        nbytes = sum(t["data_offsets"][1] - t["data_offsets"][0] for t in tensors.values())
-        dtypes = "/".join(sorted({t["dtype"] for t in tensors.values()}))
-        total += count
-        lines.append(
-            f"{part:13} {count / 1e6:9.2f} M parameters  {dtypes:5} {nbytes / 2**20:8.1f} MiB  "
-            f"{len(tensors)} tensors"
-        )
-        lines.append(f"{'':13} {config}")
+        lines += component(part, tensors, meta.get(f"{part}_config"))
+        total += sum(math.prod(t["shape"]) for t in tensors.values())
     lines.append(f"{'total':13} {total / 1e6:9.2f} M parameters")
     return "\n".join(lines)
+
+
+def component(part: str, tensors: dict[str, dict], config: str | None) -> list[str]:
+    """The summary lines of one component: parameter count, dtypes, size, tensor count, then its config."""
+    if not tensors:
+        return [f"{part:13} -"]
+    count = sum(math.prod(t["shape"]) for t in tensors.values())
+    nbytes = sum(t["data_offsets"][1] - t["data_offsets"][0] for t in tensors.values())
+    dtypes = "/".join(sorted({t["dtype"] for t in tensors.values()}))
+    return [
+        f"{part:13} {count / 1e6:9.2f} M parameters  {dtypes:5} {nbytes / 2**20:8.1f} MiB  "
+        f"{len(tensors)} tensors",
+        f"{'':13} {config}",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
