@@ -20,8 +20,8 @@ The converters (weights_tools/) sit between the two: they import the core, and t
 """
 
 from . import samplers, schedule
-from .hub import load
-from .loading import load_autoencoder, save
+from .hub import load, load_autoencoder
+from .loading import save
 from .model import LatentDiffusion
 from .pipeline import (
     class_conditional,

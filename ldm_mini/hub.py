@@ -4,6 +4,7 @@
     ldm_mini.load("celebahq.safetensors")        a file written by `python -m weights_tools.convert`
     ldm_mini.load("CompVis/ldm-celebahq-256")    a diffusers pipeline on the Hugging Face hub: downloaded
                                                  once, converted once into cache_dir(), the cached file after
+    ldm_mini.load_autoencoder("shapes-vq")       a first stage alone: an embedded name or a converted file
 
 This is the one module that talks to the hub. The loader (load, resolve), the command line, `ldm-mini verify
 --reference` and `python -m weights_tools.download` all come through here.
@@ -27,7 +28,9 @@ from pathlib import Path
 
 import torch
 
+from .autoencoder import AutoencoderKL, VQModel
 from .loading import EMBEDDED, load_file
+from .loading import load_autoencoder as read_autoencoder
 from .model import LatentDiffusion
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as on huggingface.co
@@ -160,3 +163,14 @@ def load(
     fast: ldm_mini.fast's CPU layers (None: where faster; False: plain layers, bit-identical to diffusers).
     """
     return load_file(resolve(weights), device=device, dtype=dtype, fast=fast)
+
+
+def load_autoencoder(
+    weights: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> AutoencoderKL | VQModel:
+    """An eval-mode first stage alone from an embedded name ("shapes-vq") or a converted autoencoder file
+    (a CompVis first-stage checkpoint through weights_tools.convert). device, dtype: as load's."""
+    return read_autoencoder(resolve(weights), device=device, dtype=dtype)

@@ -73,7 +73,12 @@ FORMAT = "ldm_mini/2"
 MAX_CONFIG_CHARS = 1_000_000  # a config is a few hundred characters
 FORMATS = ("ldm_mini/1", FORMAT)  # what load_file reads; it writes FORMAT
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-EMBEDDED = {"shapes": WEIGHTS_DIR / "shapes.safetensors"}  # shipped inside the package (train.py)
+EMBEDDED = {  # shipped inside the package, trained by train.py: name -> file
+    "shapes": WEIGHTS_DIR / "shapes.safetensors",  # text-to-image, KL-f4
+    "shapes-vq": WEIGHTS_DIR / "shapes-vq.safetensors",  # the VQ-f4 autoencoder alone (kind "autoencoder")
+    "shapes-uncond": WEIGHTS_DIR / "shapes-uncond.safetensors",  # unconditional, on shapes-vq
+    "shapes-superres": WEIGHTS_DIR / "shapes-superres.safetensors",  # 4x super-resolution, on shapes-vq
+}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 AUTOENCODER_KIND = "autoencoder"  # a file holding a first stage alone (not one of model.KINDS)
 
