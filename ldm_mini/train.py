@@ -21,6 +21,15 @@ pairs are never seen, in images or in captions.
     python -m ldm_mini.train diffusion --out runs/shapes      # stage 2: 14000 steps, ~66 min
     python -m ldm_mini.train export runs/shapes ldm_mini/weights/shapes.safetensors --force
 
+The other embedded models (benchmarks/RESULTS.md has their recipes and figures): a VQ-f4 stage 1, and the
+unconditional and super-resolution stage 2 on it:
+
+    python -m ldm_mini.train autoencoder --kind vq --out runs/shapes-vq --steps 4000 --restart-until 3000
+    python -m ldm_mini.train export-autoencoder runs/shapes-vq ldm_mini/weights/shapes-vq.safetensors
+    python -m ldm_mini.train diffusion --task unconditional --autoencoder runs/shapes-vq --out runs/uncond
+    python -m ldm_mini.train diffusion --task superres --autoencoder runs/shapes-vq --out runs/superres
+    python -m ldm_mini.train export runs/uncond ldm_mini/weights/shapes-uncond.safetensors
+
 (Minutes measured for the shipped model on a 2-core CPU: stage 1 with one thread on a machine shared with
 other jobs, stage 2 with torch's default two threads on a quiet one. Other parameters default to the
 shipped model's.)
@@ -55,7 +64,7 @@ from tqdm.auto import tqdm
 from . import samplers, shapes
 from .autoencoder import AutoencoderConfig, AutoencoderKL, VQModel, build_autoencoder
 from .bert import LDMBert, LDMBertConfig
-from .loading import config_from_values, config_to_json, save
+from .loading import config_from_values, config_to_json, make_autoencoder_metadata, save, write_file
 from .model import LatentDiffusion
 from .schedule import ScheduleConfig, q_sample, snr
 from .tokenizer import SPECIALS, Tokenizer
@@ -527,6 +536,17 @@ def export(out: str | os.PathLike, path: str | os.PathLike, dtype: str = "float3
     return save(m, path, force=force, dtype=dtype, source=source, recommended=RECOMMENDED_OF[task])
 
 
+def export_autoencoder(out: str | os.PathLike, path: str | os.PathLike, force: bool = False) -> Path:
+    """The run's stage-1 autoencoder alone -> an ldm_mini file of kind "autoencoder" (read by
+    ldm_mini.load_autoencoder, as a converted CompVis first stage is)."""
+    state = Run(out, "autoencoder").load()
+    ae = load_autoencoder(out)
+    source = (f"ldm_mini.train shapes world: {state['step']} autoencoder steps, "
+              f"{state['elapsed'] / 60:.1f} min of training")  # fmt: skip
+    tensors = {k: v.detach().contiguous() for k, v in ae.state_dict().items()}
+    return write_file(path, tensors, make_autoencoder_metadata(ae.config, source=source), force=force)
+
+
 # --- command line ----------------------------------------------------------------------------------------
 def arguments(stage: str, out: str | os.PathLike, **overrides) -> argparse.Namespace:
     """The command line's settings of a stage, its defaults with `overrides` (Python names: grid_every=100),
@@ -571,6 +591,10 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--uncond-prob", type=float, default=0.1, help="caption dropout to ''")
             p.add_argument("--ema-decay", type=float, default=0.999)
             p.add_argument("--scale-images", type=int, default=512, help="images for the latent scale")
+    p = sub.add_parser("export-autoencoder", help="write the stage-1 autoencoder alone as one file")
+    p.add_argument("run", help="run folder with autoencoder.pt")
+    p.add_argument("path", help="the .safetensors file to write")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p = sub.add_parser("export", help="write the final EMA model as one .safetensors file")
     p.add_argument("run", help="run folder with autoencoder.pt and diffusion.pt")
     p.add_argument("path", help="the .safetensors file to write")
@@ -583,6 +607,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if args.stage == "export":
         print(f"wrote {export(args.run, args.path, args.dtype, args.force)}")
+        return
+    if args.stage == "export-autoencoder":
+        print(f"wrote {export_autoencoder(args.run, args.path, args.force)}")
         return
     if args.threads:
         torch.set_num_threads(args.threads)

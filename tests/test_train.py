@@ -189,6 +189,10 @@ def test_task_runs_resume_exactly_and_export_a_model_of_their_kind(tmp_path):
 
     vq = tmp_path / "vq"
     run_stage(vq, "autoencoder", "--kind", "vq", "--restart-every", "2")
+    train.main(["export-autoencoder", str(vq), str(tmp_path / "vq.safetensors")])
+    ae = ldm_mini.load_autoencoder(tmp_path / "vq.safetensors")
+    assert isinstance(ae, VQModel) and ae.config == train.AUTOENCODER_VQ
+    assert all(torch.equal(v, train.load_autoencoder(vq).state_dict()[k]) for k, v in ae.state_dict().items())
     for task in ("unconditional", "superres"):
         straight, cut = tmp_path / f"{task}-straight", tmp_path / f"{task}-cut"
         extra = ["--task", task, "--autoencoder", str(vq)]
