@@ -175,3 +175,31 @@ def test_judge_script_runs(capsys):
     shapes_judge.main(["--ground-truth", "5"])
     out = capsys.readouterr().out
     assert "correct" in out and out.count("100.0%") == 14  # 7 columns x 2 splits
+
+
+def test_judge_scene_accepts_every_ground_truth_scene_and_rejects_broken_ones():
+    """The caption-free judge of unconditional samples: valid on the dataset's own scenes (1, 2 and 3 shapes),
+    invalid on noise, a blank canvas, a stray mark, a shape of no known size, a colour used twice."""
+    images, _, scenes = sample_batch(120, np.random.default_rng(11))
+    for image, scene in zip(images, scenes, strict=True):
+        verdict = shapes_judge.judge_scene(image)
+        assert verdict["valid"], scene.caption
+        assert len(verdict["blobs"]) == len(scene.spec.objects)
+    one = images[:1].clone()
+    red = torch.tensor(PALETTE["red"], dtype=torch.float32).view(3, 1, 1) / 127.5 - 1
+    g = torch.Generator().manual_seed(0)
+    broken = {
+        "count": torch.full_like(one, 0.8),  # a blank light canvas: no shape at all
+        "clean": one.clone(),
+        "sizes": one.clone(),
+        "colours": one.clone(),
+    }
+    broken["clean"][0, :, 1:5, 1:5] = red  # a 4x4 mark in a corner: below min_area, yet no background
+    broken["sizes"][0, :, 40:44, 2:40] = red  # a 38 x 4 bar: a blob of no size in SIZES
+    broken["colours"][0, :, 2:16, 2:16] = red  # two red squares (the scene may already have a red shape)
+    broken["colours"][0, :, 48:62, 48:62] = red
+    for check, image in broken.items():
+        verdict = shapes_judge.judge_scene(image[0])
+        assert not verdict["valid"] and not verdict[check], check
+    noisy = (images[:8] + 0.3 * torch.randn(images[:8].shape, generator=g)).clamp(-1, 1)
+    assert not any(shapes_judge.judge_scene(im)["valid"] for im in noisy)
