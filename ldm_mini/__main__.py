@@ -220,8 +220,7 @@ def inputs(args, path: Path, m, s: dict, fields: dict, parser) -> tuple[tuple, s
         return (1,), "sample"  # batch size 1: one pipeline call per seed
     if args.command == "upscale":
         image = read_image(args.image, "RGB", parser)
-        if min(image.size) < 32:
-            parser.error(f"{args.image} is {image.size[0]}x{image.size[1]}: the input must be at least 32x32")
+        pipeline.low_res_image(image, unit=2 ** (len(m.unet.config.channel_mult) - 1))  # its size
         fields["image"] = args.image
         return (image,), f"{slug(Path(args.image).stem)}-x{m.downsample_factor}"
     if args.command == "class":

@@ -481,16 +481,19 @@ def inpaint(m, image, mask, *, num_inference_steps=None, eta=None, sampler=None,
                 return_intermediates, keep=keep)  # fmt: skip
 
 
-def low_res_image(image) -> Tensor:
+def low_res_image(image, unit: int = 32) -> Tensor:
     """A PIL image or a tensor (B, 3, h, w) in [-1, 1] -> the low-res conditioning (B, 3, h, w) in [-1, 1].
 
     PIL images are converted to RGB and, as diffusers' preprocess does, resized (Lanczos) DOWN to a
-    multiple of 32 on each side; tensors are used as they are (ldm_mini's UNet takes any size).
+    multiple of 32 on each side; a side under 32 pixels (the embedded shapes-superres takes 16x16) to a
+    multiple of `unit`, what the UNet's levels need (superres passes 2^(levels - 1)). Tensors are used as
+    they are (ldm_mini's UNet takes any size).
     """
     if isinstance(image, PIL.Image.Image):
-        w, h = (s - s % 32 for s in image.size)
+        w, h = (s - s % 32 if s >= 32 else s - s % unit for s in image.size)
         if w == 0 or h == 0:
-            raise ValueError(f"a PIL image for superres must be at least 32x32 pixels, got {image.size}")
+            raise ValueError(f"a PIL image for superres must be at least {unit}x{unit} pixels, got "
+                             f"{image.size}")  # fmt: skip
         image = image.convert("RGB").resize((w, h), resample=PIL.Image.Resampling.LANCZOS)
         return 2.0 * _pil_to_tensor(image) - 1.0  # (1, 3, h, w), [0, 1] -> [-1, 1]
     _check_image_tensor(image, "superres")
@@ -513,7 +516,7 @@ def superres(m, image, *, num_inference_steps=None, eta=None, sampler=None, gene
                  output_type=output_type)  # fmt: skip
     if decode_tile is not None or unet_tile is not None:
         m = TiledModel(m, decode_tile=decode_tile, unet_tile=unet_tile)
-    low = low_res_image(image)
+    low = low_res_image(image, unit=2 ** (len(m.unet.config.channel_mult) - 1))
     s["height"], s["width"] = (side * m.downsample_factor for side in low.shape[-2:])  # latent = low's size
     shape = _latent_shape(m, low.shape[0], s, generator, latents, noise)
     low = low.to(m.device, m.dtype)

@@ -378,7 +378,7 @@ BAD = [
     ("uncond", unconditional, dict(batch_size=0), "batch_size must be a positive integer"),
     ("sr", superres, dict(image=torch.rand(1, 3, 8, 8) * 255), r"in \[-1, 1\]"),
     ("sr", superres, dict(image=torch.rand(3, 8, 8)), r"\(B, 3, h, w\)"),
-    ("sr", superres, dict(image=PIL.Image.new("RGB", (40, 20))), "at least 32x32"),
+    ("sr", superres, dict(image=PIL.Image.new("RGB", (40, 1))), "must be at least"),
 ]
 
 
