@@ -25,6 +25,7 @@ function, anti-aliased over one pixel: only edge pixels blend with the backgroun
 exactly segmentable (benchmarks/shapes_judge.py reads 100% of the dataset's images correctly).
 """
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -306,3 +307,38 @@ def degrade(images: torch.Tensor, generator: torch.Generator, factor: int = 4, m
     low = F.avg_pool2d(blurred, factor)  # (B, 3, H/f, W/f)
     std = torch.rand(b, 1, 1, 1, generator=generator) * max_noise
     return (low + std * torch.randn(low.shape, generator=generator)).clamp(-1, 1)
+
+
+def random_masks(n: int, generator: torch.Generator, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Inpainting masks (n, 1, size, size), 1 = the pixels to fill: half rectangles, half free-form strokes
+    (the two mask families LDM's inpainting model was trained on, Sec. 4.5 / Suvorov et al. 2021, LaMa).
+
+    A rectangle has sides of 1/4 to 3/4 of the image anywhere inside it; a stroke is a random walk of 4 to 8
+    segments of a thick brush (radius 3 to 6 px). Each mask covers 5% to 60% of the image."""
+    masks = torch.zeros(n, 1, size, size)
+    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+
+    def uniform(lo, hi):
+        return lo + (hi - lo) * torch.rand((), generator=generator).item()
+
+    for i in range(n):
+        while True:
+            mask = torch.zeros(size, size, dtype=torch.bool)
+            if torch.rand((), generator=generator) < 0.5:
+                h, w = int(uniform(size / 4, 3 * size / 4)), int(uniform(size / 4, 3 * size / 4))
+                y, x = int(uniform(0, size - h)), int(uniform(0, size - w))
+                mask[y : y + h, x : x + w] = True
+            else:
+                x, y, radius = uniform(0, size), uniform(0, size), uniform(3, 6)
+                for _ in range(int(uniform(4, 9))):
+                    angle, length = uniform(0, 2 * math.pi), uniform(8, 24)
+                    x1 = min(max(x + length * math.cos(angle), 0), size)
+                    y1 = min(max(y + length * math.sin(angle), 0), size)
+                    for a in torch.linspace(0, 1, 16).tolist():  # discs along the segment: a thick line
+                        cx, cy = x + a * (x1 - x), y + a * (y1 - y)
+                        mask |= (xx - cx) ** 2 + (yy - cy) ** 2 <= radius**2
+                    x, y = x1, y1
+            if 0.05 <= mask.float().mean() <= 0.6:
+                masks[i, 0] = mask.float()
+                break
+    return masks

@@ -93,6 +93,8 @@ UNETS = {
     "txt2img": UNET,
     "unconditional": dataclasses.replace(UNET, in_channels=3, out_channels=3, context_dim=None),
     "superres": dataclasses.replace(UNET, in_channels=6, out_channels=3, context_dim=None),
+    # inpainting: z_t, the masked image's latent and the mask at the latent's size, 3 + 3 + 1 (inpainting_big)
+    "inpaint": dataclasses.replace(UNET, in_channels=7, out_channels=3, context_dim=None),
 }
 TASKS = tuple(UNETS)
 # Training betas as every LDM (CompVis "linear" = scaled_linear 0.00085..0.012, T = 1000). Sampling: the
@@ -104,7 +106,8 @@ SCHEDULE = ScheduleConfig(timestep_spacing="trailing", steps_offset=0, set_alpha
 TRAIN_NUM_SHAPES_P = (0.3, 0.5, 0.2)
 # What the command line samples each model with by default (measured: benchmarks/RESULTS.md)
 RECOMMENDED = {"steps": 20, "guidance": 2.0}  # shapes (txt2img): the guidance sweep
-RECOMMENDED_OF = {"txt2img": RECOMMENDED, "unconditional": {"steps": 50}, "superres": {"steps": 50}}
+RECOMMENDED_OF = {"txt2img": RECOMMENDED, "unconditional": {"steps": 50}, "superres": {"steps": 50},
+                  "inpaint": {"steps": 50}}  # fmt: skip
 GRID_PROMPTS = [
     "a red circle above a blue square",
     "a green triangle on the left",
@@ -376,12 +379,23 @@ def diffusion_loss(m: LatentDiffusion, images: Tensor, captions: list[str], gen:
     return eps_loss(m, z0, t, noise, context, snr_gamma=5.0)
 
 
+def task_condition(m: LatentDiffusion, images: Tensor, gen: torch.Generator) -> Tensor | None:
+    """What the UNet of a task is given besides z_t in training: nothing (unconditional); the degraded 16x16
+    image (superres, shapes.degrade, as bsr_sr); the masked image's latent and the mask of a random
+    rectangle or stroke (inpaint, shapes.random_masks, as inpainting_big: m.inpaint_condition)."""
+    if m.kind == "superres":
+        return shapes.degrade(images, gen)  # (B, 3, 16, 16) in [-1, 1]
+    if m.kind == "inpaint":
+        return m.inpaint_condition(images, shapes.random_masks(len(images), gen))  # (B, 3 + 1, 16, 16)
+    return None
+
+
 def task_loss(m: LatentDiffusion, images: Tensor, gen: torch.Generator):
-    """The min-SNR-5 eps loss of the unconditional and super-resolution models: no context; super-resolution
-    concatenates the degraded 16x16 image (shapes.degrade) to z_t, the UNet's cond (as bsr_sr)."""
+    """The min-SNR-5 eps loss of the unconditional, super-resolution and inpainting models: no context, the
+    task's condition (task_condition) concatenated to z_t."""
     with torch.no_grad():
         z0 = first_stage_latent(m.autoencoder, images, gen) * m.scale_factor  # (B, 3, 16, 16)
-        cond = shapes.degrade(images, gen) if m.kind == "superres" else None  # (B, 3, 16, 16) in [-1, 1]
+        cond = task_condition(m, images, gen)
     t = torch.randint(0, m.alphas_cumprod.shape[0], (len(images),), generator=gen)  # (B,) uniform
     noise = torch.randn(z0.shape, generator=gen)
     return eps_loss(m, z0, t, noise, cond, snr_gamma=5.0)
@@ -413,17 +427,24 @@ def sample_grid(m: LatentDiffusion, path: Path, seed: int, steps: int = 20, scal
 
 @torch.no_grad()
 def task_grid(m: LatentDiffusion, path: Path, seed: int, steps: int = 20) -> None:
-    """unconditional: 16 samples; superres: 8 held-out scenes as rows of bicubic, LDM and ground truth."""
+    """unconditional: 16 samples; superres: 8 held-out scenes as rows of bicubic, LDM and ground truth;
+    inpaint: rows of the masked input, the composite and the ground truth."""
     if m.kind == "unconditional":
         x_T = torch.randn((16, m.latent_channels, 16, 16), generator=torch.Generator().manual_seed(seed))
         save_grid(m.decode(samplers.ddim(m, x_T, steps, progress=False)), path, nrow=8)
         return
     images, _, _ = shapes.sample_batch(8, np.random.default_rng([seed, 5]), split="heldout")
-    low = shapes.degrade(images, torch.Generator().manual_seed(seed))
-    x_T = torch.randn((8, m.latent_channels, 16, 16), generator=torch.Generator().manual_seed(seed))
-    sr = m.decode(samplers.ddim(m, x_T, steps, cond=low, progress=False))
-    bicubic = F.interpolate(low, scale_factor=4, mode="bicubic")
-    save_grid(torch.cat([bicubic, sr, images]), path, nrow=8)
+    gen = torch.Generator().manual_seed(seed)
+    x_T = torch.randn((8, m.latent_channels, 16, 16), generator=gen)
+    if m.kind == "superres":
+        low = shapes.degrade(images, gen)
+        sr = m.decode(samplers.ddim(m, x_T, steps, cond=low, progress=False))
+        save_grid(torch.cat([F.interpolate(low, scale_factor=4, mode="bicubic"), sr, images]), path, nrow=8)
+        return
+    masks = shapes.random_masks(8, gen)
+    filled = m.decode(samplers.ddim(m, x_T, steps, cond=m.inpaint_condition(images, masks), progress=False))
+    composite = (1 - masks) * images + masks * filled.clamp(-1, 1)
+    save_grid(torch.cat([(1 - masks) * images, composite, images]), path, nrow=8)
 
 
 def train_diffusion(args) -> Path:

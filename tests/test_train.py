@@ -153,7 +153,7 @@ def test_dead_codes_restart_on_encoder_outputs_and_perplexity_counts_used_codes(
     assert train.perplexity(torch.tensor([1, 0, 0, 0])) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("task", ["unconditional", "superres"])
+@pytest.mark.parametrize("task", ["unconditional", "superres", "inpaint"])
 def test_task_steps_reduce_loss(task):
     torch.manual_seed(0)
     ae = VQModel(train.AUTOENCODER_VQ).eval().requires_grad_(False)
@@ -193,7 +193,7 @@ def test_task_runs_resume_exactly_and_export_a_model_of_their_kind(tmp_path):
     ae = ldm_mini.load_autoencoder(tmp_path / "vq.safetensors")
     assert isinstance(ae, VQModel) and ae.config == train.AUTOENCODER_VQ
     assert all(torch.equal(v, train.load_autoencoder(vq).state_dict()[k]) for k, v in ae.state_dict().items())
-    for task in ("unconditional", "superres"):
+    for task in ("unconditional", "superres", "inpaint"):
         straight, cut = tmp_path / f"{task}-straight", tmp_path / f"{task}-cut"
         extra = ["--task", task, "--autoencoder", str(vq)]
         full = run_stage(straight, "diffusion", *extra)
@@ -206,3 +206,15 @@ def test_task_runs_resume_exactly_and_export_a_model_of_their_kind(tmp_path):
     with pytest.raises(ValueError, match="another task"):
         run_stage(tmp_path / "superres-cut", "diffusion", "--task", "unconditional", "--autoencoder", str(vq),
                   "--resume")  # fmt: skip
+
+
+def test_random_masks_are_rectangles_and_strokes_of_bounded_area():
+    masks = shapes.random_masks(64, torch.Generator().manual_seed(0))
+    assert masks.shape == (64, 1, 64, 64) and set(masks.unique().tolist()) <= {0.0, 1.0}
+    area = masks.mean(dim=(1, 2, 3))
+    assert (area >= 0.05).all() and (area <= 0.6).all()
+    rows, cols = masks.amax(dim=3), masks.amax(dim=2)  # (64, 1, 64): the rows / columns a mask touches
+    boxes = (rows.sum(-1) * cols.sum(-1)).flatten()  # the area of each mask's bounding box, pixels
+    rectangles = (masks.sum(dim=(1, 2, 3)) == boxes).float().mean()
+    assert 0.3 < rectangles < 0.7  # about half fill their bounding box exactly: the rectangles
+    assert torch.equal(masks, shapes.random_masks(64, torch.Generator().manual_seed(0)))
