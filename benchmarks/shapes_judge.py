@@ -40,8 +40,8 @@ from ldm_mini.shapes import (  # noqa: E402
     signed_distance,
 )
 
-__all__ = ["ATTRIBUTES", "SCENE_CHECKS", "Blob", "evaluate", "find_blobs", "judge", "judge_scene",
-           "parse_caption", "summarize"]  # fmt: skip
+__all__ = ["ATTRIBUTES", "SCENE_CHECKS", "Blob", "evaluate", "find_blobs", "judge", "judge_inpaint",
+           "judge_scene", "parse_caption", "seam_energy", "summarize"]  # fmt: skip
 
 ATTRIBUTES = ("count", "colour", "shape", "binding", "size", "position")
 _COLOURS = np.array(list(PALETTE.values()), np.float32)  # (K, 3)
@@ -227,6 +227,41 @@ def judge_scene(image, *, min_iou: float = 0.8, size_slack: float = 3.0, max_str
     }
     out["valid"] = all(out.values())
     out["blobs"] = blobs
+    return out
+
+
+def seam_energy(image, mask) -> float:
+    """The mean squared gradient (finite differences, images in [-1, 1]) over the mask's border: the pixels
+    within one pixel of its edge, on either side. A visible seam is a jump there that the scene lacks."""
+    x = torch.as_tensor(image, dtype=torch.float32).reshape(3, IMAGE_SIZE, IMAGE_SIZE)
+    m = torch.as_tensor(mask, dtype=torch.float32).reshape(1, 1, IMAGE_SIZE, IMAGE_SIZE)
+    grown = torch.nn.functional.max_pool2d(m, 3, stride=1, padding=1)
+    shrunk = -torch.nn.functional.max_pool2d(-m, 3, stride=1, padding=1)
+    border = (grown - shrunk)[0, 0, :-1, :-1] > 0  # (63, 63): where a difference below crosses the edge
+    dx, dy = x[:, :-1, 1:] - x[:, :-1, :-1], x[:, 1:, :-1] - x[:, :-1, :-1]  # (3, 63, 63) each
+    energy = (dx**2 + dy**2).sum(0)  # (63, 63)
+    return float(energy[border].mean()) if border.any() else 0.0
+
+
+def judge_inpaint(composite, truth, mask, caption: str | Spec, *, max_seam: float = 0.02,
+                  **find_kwargs) -> dict:  # fmt: skip
+    """An inpainted scene (composite, truth: (3, 64, 64) in [-1, 1]; mask (1, 64, 64), 1 = filled):
+
+    scene    the composite reads as the scene's caption says (judge): a mask over part of a shape was
+             completed into that shape of that colour, a mask over empty space stayed background
+    kept     the unmasked pixels are the truth's (within one uint8 level)
+    seam     invisible: the gradient energy on the mask's border exceeds the truth's there by <= max_seam
+    "correct" = all three; also the two "seam energy" values (composite, truth)."""
+    composite, truth = (torch.as_tensor(a, dtype=torch.float32) for a in (composite, truth))
+    keep = torch.as_tensor(mask, dtype=torch.float32) < 0.5  # (1, 64, 64)
+    energy = (seam_energy(composite, mask), seam_energy(truth, mask))
+    out = {
+        "scene": judge(composite, caption, **find_kwargs)["correct"],
+        "kept": bool(((composite - truth).abs() * keep).max() <= 2 / 255),
+        "seam": energy[0] - energy[1] <= max_seam,
+    }
+    out["correct"] = all(out.values())
+    out["seam energy"] = energy
     return out
 
 

@@ -11,6 +11,7 @@ import torch
 
 from benchmarks import shapes_judge
 from benchmarks.shapes_judge import judge
+from ldm_mini import shapes as shapes_module
 from ldm_mini.shapes import (
     HELDOUT_PAIRS,
     IMAGE_SIZE,
@@ -203,3 +204,27 @@ def test_judge_scene_accepts_every_ground_truth_scene_and_rejects_broken_ones():
         assert not verdict["valid"] and not verdict[check], check
     noisy = (images[:8] + 0.3 * torch.randn(images[:8].shape, generator=g)).clamp(-1, 1)
     assert not any(shapes_judge.judge_scene(im)["valid"] for im in noisy)
+
+
+def test_judge_inpaint_on_ground_truth_and_broken_fills():
+    """The truth itself is a correct inpainting of any mask; a fill that moves a shape's pixels, one a shade
+    off (a visible seam), or a composite that changes a kept pixel is not."""
+    images, captions, _ = sample_batch(40, np.random.default_rng(12))
+    masks = shapes_module.random_masks(40, torch.Generator().manual_seed(1))
+    for image, mask, caption in zip(images, masks, captions, strict=True):
+        verdict = shapes_judge.judge_inpaint(image, image, mask, caption)
+        assert verdict["correct"] and verdict["seam energy"][0] == verdict["seam energy"][1], caption
+    image, caption = images[0], captions[0]
+    blob = shapes_judge.judge(image, caption)["blobs"][0]
+    mask = torch.zeros(1, 64, 64)  # the left half of the first shape's box
+    y, x, half = int(blob.y), int(blob.x), SIZES[blob.size] // 2 + 2
+    mask[:, y - half : y + half, x - half : x] = 1
+    background = torch.full_like(image, 0.8)
+    erased = (1 - mask) * image + mask * background  # the half shape filled with background
+    assert not shapes_judge.judge_inpaint(erased, image, mask, caption)["scene"]
+    shade = (1 - mask) * image + mask * (image + 0.3).clamp(-1, 1)  # right content, wrong brightness
+    verdict = shapes_judge.judge_inpaint(shade, image, mask, caption)
+    assert not verdict["seam"] and not verdict["correct"]
+    moved = image.clone()
+    moved[:, 0, 0] = -1.0  # a kept pixel changed
+    assert not shapes_judge.judge_inpaint(moved, image, mask, caption)["kept"]
