@@ -342,3 +342,20 @@ def random_masks(n: int, generator: torch.Generator, size: int = IMAGE_SIZE) -> 
                 masks[i, 0] = mask.float()
                 break
     return masks
+
+
+# --- layouts: the boxes and labels of a scene (the input of a layout-to-image model) -----------------------
+LAYOUT_CLASSES = tuple((c, s) for c in PALETTE for s in SHAPES)  # class id -> (colour, shape): 32 classes
+
+
+def layout(scene: Scene) -> list[tuple[int, tuple[float, float, float, float]]]:
+    """A scene's objects as a layout, conditioning.LayoutTokenizer's format: (class, (x0, y0, w, h)) each,
+    class = LAYOUT_CLASSES.index((colour, shape)), the box = the shape's bounding box relative to the image,
+    (0, 0) at the top left."""
+    objects = []
+    for d in scene.shapes:
+        side = SIZES[d.size] / IMAGE_SIZE
+        x0 = min(max(d.x / IMAGE_SIZE - side / 2, 0.0), 1.0 - side)
+        y0 = min(max(d.y / IMAGE_SIZE - side / 2, 0.0), 1.0 - side)
+        objects.append((LAYOUT_CLASSES.index((d.colour, d.shape)), (x0, y0, side, side)))
+    return objects

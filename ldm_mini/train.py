@@ -64,6 +64,7 @@ from tqdm.auto import tqdm
 from . import samplers, shapes
 from .autoencoder import AutoencoderConfig, AutoencoderKL, VQModel, build_autoencoder
 from .bert import LDMBert, LDMBertConfig
+from .conditioning import LayoutConfig, LayoutTokenizer
 from .loading import config_from_values, config_to_json, make_autoencoder_metadata, save, write_file
 from .model import LatentDiffusion
 from .schedule import ScheduleConfig, q_sample, snr
@@ -95,7 +96,12 @@ UNETS = {
     "superres": dataclasses.replace(UNET, in_channels=6, out_channels=3, context_dim=None),
     # inpainting: z_t, the masked image's latent and the mask at the latent's size, 3 + 3 + 1 (inpainting_big)
     "inpaint": dataclasses.replace(UNET, in_channels=7, out_channels=3, context_dim=None),
+    # layout-to-image: UNET's cross-attention reads a layout transformer (as layout2img-openimages256)
+    "layout": dataclasses.replace(UNET, in_channels=3, out_channels=3),
 }
+# The layout tokens (conditioning.LayoutTokenizer): 32 classes (colour x shape), box corners on a 32 x 32 grid
+# (2 px), at most 3 objects: 3 * 3 + 2 = 11 tokens for a 2-layer LDMBert of TEXT_WIDTH, trained with the UNet
+LAYOUT = LayoutConfig(n_tokens=1024, n_classes=len(shapes.LAYOUT_CLASSES), max_objects=3)
 TASKS = tuple(UNETS)
 # Training betas as every LDM (CompVis "linear" = scaled_linear 0.00085..0.012, T = 1000). Sampling: the
 # "trailing" spacing starts at t = 999, the noisiest step, which few-step DDIM needs (Lin et al. 2024,
@@ -107,7 +113,7 @@ TRAIN_NUM_SHAPES_P = (0.3, 0.5, 0.2)
 # What the command line samples each model with by default (measured: benchmarks/RESULTS.md)
 RECOMMENDED = {"steps": 20, "guidance": 2.0}  # shapes (txt2img): the guidance sweep
 RECOMMENDED_OF = {"txt2img": RECOMMENDED, "unconditional": {"steps": 50}, "superres": {"steps": 50},
-                  "inpaint": {"steps": 50}}  # fmt: skip
+                  "inpaint": {"steps": 50}, "layout": {"steps": 50}}  # fmt: skip
 GRID_PROMPTS = [
     "a red circle above a blue square",
     "a green triangle on the left",
@@ -379,10 +385,13 @@ def diffusion_loss(m: LatentDiffusion, images: Tensor, captions: list[str], gen:
     return eps_loss(m, z0, t, noise, context, snr_gamma=5.0)
 
 
-def task_condition(m: LatentDiffusion, images: Tensor, gen: torch.Generator) -> Tensor | None:
+def task_condition(m: LatentDiffusion, images: Tensor, scenes: list, gen: torch.Generator) -> Tensor | None:
     """What the UNet of a task is given besides z_t in training: nothing (unconditional); the degraded 16x16
     image (superres, shapes.degrade, as bsr_sr); the masked image's latent and the mask of a random
-    rectangle or stroke (inpaint, shapes.random_masks, as inpainting_big: m.inpaint_condition)."""
+    rectangle or stroke (inpaint, shapes.random_masks, as inpainting_big: m.inpaint_condition); the layout
+    transformer's context of the scenes' boxes (layout, shapes.layout, as layout2img-openimages256)."""
+    if m.kind == "layout":
+        return m.encode_layout(m.layout_tokens([shapes.layout(s) for s in scenes]))  # (B, 11, 128)
     if m.kind == "superres":
         return shapes.degrade(images, gen)  # (B, 3, 16, 16) in [-1, 1]
     if m.kind == "inpaint":
@@ -390,12 +399,15 @@ def task_condition(m: LatentDiffusion, images: Tensor, gen: torch.Generator) -> 
     return None
 
 
-def task_loss(m: LatentDiffusion, images: Tensor, gen: torch.Generator):
-    """The min-SNR-5 eps loss of the unconditional, super-resolution and inpainting models: no context, the
-    task's condition (task_condition) concatenated to z_t."""
+def task_loss(m: LatentDiffusion, images: Tensor, scenes: list, gen: torch.Generator):
+    """The min-SNR-5 eps loss of the unconditional, super-resolution, inpainting and layout models: the
+    task's condition (task_condition) concatenated to z_t or, for layouts, the cross-attention context
+    (computed with gradients: the layout transformer trains with the UNet)."""
     with torch.no_grad():
         z0 = first_stage_latent(m.autoencoder, images, gen) * m.scale_factor  # (B, 3, 16, 16)
-        cond = task_condition(m, images, gen)
+        cond = None if m.kind == "layout" else task_condition(m, images, scenes, gen)
+    if m.kind == "layout":
+        cond = task_condition(m, images, scenes, gen)
     t = torch.randint(0, m.alphas_cumprod.shape[0], (len(images),), generator=gen)  # (B,) uniform
     noise = torch.randn(z0.shape, generator=gen)
     return eps_loss(m, z0, t, noise, cond, snr_gamma=5.0)
@@ -405,6 +417,12 @@ def build_task_model(task: str, ae, scale_factor: float, tokenizer: Tokenizer | 
     """The LatentDiffusion of a task: txt2img (build_model), unconditional or superres (UNETS[task])."""
     if task == "txt2img":
         return build_model(ae, tokenizer, scale_factor)
+    if task == "layout":
+        text = LDMBertConfig(vocab_size=LAYOUT.n_tokens, max_seq_len=LAYOUT.length, n_embed=TEXT_WIDTH,
+                             n_layer=TEXT_LAYERS, n_heads=4, head_dim=TEXT_WIDTH // 4,
+                             ffn_dim=4 * TEXT_WIDTH)  # fmt: skip
+        return LatentDiffusion("layout", UNet(UNETS[task]), ae, SCHEDULE, scale_factor, LDMBert(text),
+                               layout_tokenizer=LayoutTokenizer(LAYOUT))  # fmt: skip
     return LatentDiffusion(task, UNet(UNETS[task]), ae, SCHEDULE, scale_factor)
 
 
@@ -428,18 +446,24 @@ def sample_grid(m: LatentDiffusion, path: Path, seed: int, steps: int = 20, scal
 @torch.no_grad()
 def task_grid(m: LatentDiffusion, path: Path, seed: int, steps: int = 20) -> None:
     """unconditional: 16 samples; superres: 8 held-out scenes as rows of bicubic, LDM and ground truth;
-    inpaint: rows of the masked input, the composite and the ground truth."""
+    inpaint: rows of the masked input, the composite and the ground truth; layout: samples of the held-out
+    scenes' layouts above the scenes."""
     if m.kind == "unconditional":
         x_T = torch.randn((16, m.latent_channels, 16, 16), generator=torch.Generator().manual_seed(seed))
         save_grid(m.decode(samplers.ddim(m, x_T, steps, progress=False)), path, nrow=8)
         return
-    images, _, _ = shapes.sample_batch(8, np.random.default_rng([seed, 5]), split="heldout")
+    images, _, scenes = shapes.sample_batch(8, np.random.default_rng([seed, 5]), split="heldout")
     gen = torch.Generator().manual_seed(seed)
     x_T = torch.randn((8, m.latent_channels, 16, 16), generator=gen)
     if m.kind == "superres":
         low = shapes.degrade(images, gen)
         sr = m.decode(samplers.ddim(m, x_T, steps, cond=low, progress=False))
         save_grid(torch.cat([F.interpolate(low, scale_factor=4, mode="bicubic"), sr, images]), path, nrow=8)
+        return
+    if m.kind == "layout":
+        cond = m.encode_layout(m.layout_tokens([shapes.layout(s) for s in scenes]))
+        samples = m.decode(samplers.ddim(m, x_T, steps, cond=cond, progress=False))
+        save_grid(torch.cat([samples, images]), path, nrow=8)
         return
     masks = shapes.random_masks(8, gen)
     filled = m.decode(samplers.ddim(m, x_T, steps, cond=m.inpaint_condition(images, masks), progress=False))
@@ -451,10 +475,11 @@ def train_diffusion(args) -> Path:
     run = Run(args.out, "diffusion")
     ae = load_autoencoder(args.autoencoder or args.out)
     torch.manual_seed(args.seed)  # the initial weights
-    text = args.task == "txt2img"
+    text = args.task == "txt2img"  # captions: a tokenizer, caption dropout, guidance grids
     tokenizer = train_tokenizer(seed=args.seed) if text else None
     m = build_task_model(args.task, ae, latent_scale(ae, args.scale_images, args.seed), tokenizer)
-    trained = nn.ModuleDict({"unet": m.unet, **({"text_encoder": m.text_encoder} if text else {})})
+    encoder = m.text_encoder is not None  # txt2img and layout: LDMBert trains with the UNet
+    trained = nn.ModuleDict({"unet": m.unet, **({"text_encoder": m.text_encoder} if encoder else {})})
     ema = copy.deepcopy(trained).requires_grad_(False)
     opt = torch.optim.AdamW(trained.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     rng, gen = np.random.default_rng([args.seed, 4]), torch.Generator().manual_seed(args.seed)
@@ -487,7 +512,7 @@ def train_diffusion(args) -> Path:
                 "task": args.task,
                 "vocab": tokenizer.vocab_text if text else None,
                 "unet_config": config_to_json(UNETS[args.task]),
-                "text_encoder_config": config_to_json(m.text_encoder.config) if text else None,
+                "text_encoder_config": config_to_json(m.text_encoder.config) if encoder else None,
                 "args": vars(args),
                 "autoencoder": fingerprint(ae),
                 "autoencoder_config": dataclasses.asdict(ae.config),
@@ -495,9 +520,10 @@ def train_diffusion(args) -> Path:
             }
         )  # fmt: skip (export needs no other folder)
 
-    def ema_model() -> LatentDiffusion:  # with m's autoencoder, tokenizer and schedule
+    def ema_model() -> LatentDiffusion:  # with m's autoencoder, tokenizers and schedule
         return LatentDiffusion(args.task, ema["unet"], ae, SCHEDULE, m.scale_factor,
-                               ema["text_encoder"] if text else None, tokenizer)  # fmt: skip
+                               ema["text_encoder"] if encoder else None, tokenizer,
+                               layout_tokenizer=m.layout_tokenizer)  # fmt: skip
 
     start, last_ckpt = time.time() - elapsed, time.time()
     bar = tqdm(total=args.steps, initial=step, desc="diffusion", disable=not args.progress)
@@ -512,8 +538,8 @@ def train_diffusion(args) -> Path:
             captions = ["" if d else c for c, d in zip(captions, drop, strict=True)]
             loss = diffusion_loss(m, images, captions, gen)
         else:  # the dataset's own mix of 1, 2, 3 shapes: what an unconditional model should reproduce
-            images, _, _ = shapes.sample_batch(args.batch, rng)
-            loss = task_loss(m, images, gen)
+            images, _, scenes = shapes.sample_batch(args.batch, rng)
+            loss = task_loss(m, images, scenes, gen)
         train_step(trained, opt, loss, max_grad_norm=1.0)
         ema_update(ema, trained, step, args.ema_decay)
         step += 1

@@ -153,18 +153,22 @@ def test_dead_codes_restart_on_encoder_outputs_and_perplexity_counts_used_codes(
     assert train.perplexity(torch.tensor([1, 0, 0, 0])) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("task", ["unconditional", "superres", "inpaint"])
+@pytest.mark.parametrize("task", ["unconditional", "superres", "inpaint", "layout"])
 def test_task_steps_reduce_loss(task):
     torch.manual_seed(0)
     ae = VQModel(train.AUTOENCODER_VQ).eval().requires_grad_(False)
     m = train.build_task_model(task, ae, scale_factor=1.0)
-    assert m.kind == task and m.text_encoder is None
-    images, _, _ = shapes.sample_batch(4, 0)
-    opt = torch.optim.AdamW(m.unet.parameters(), lr=1e-3)
-    before = fixed_loss(lambda g: train.task_loss(m, images, g)).item()
+    assert m.kind == task and (m.text_encoder is None) == (task != "layout")
+    images, _, scenes = shapes.sample_batch(4, 0)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)  # (the autoencoder has no gradients)
+
+    def loss(g):
+        return train.task_loss(m, images, scenes, g)
+
+    before = fixed_loss(loss).item()
     for _ in range(15):
-        train.train_step(m.unet, opt, fixed_loss(lambda g: train.task_loss(m, images, g)))
-    after = fixed_loss(lambda g: train.task_loss(m, images, g)).item()
+        train.train_step(m, opt, fixed_loss(loss))
+    after = fixed_loss(loss).item()
     assert after < 0.7 * before, (before, after)
 
 
@@ -193,7 +197,7 @@ def test_task_runs_resume_exactly_and_export_a_model_of_their_kind(tmp_path):
     ae = ldm_mini.load_autoencoder(tmp_path / "vq.safetensors")
     assert isinstance(ae, VQModel) and ae.config == train.AUTOENCODER_VQ
     assert all(torch.equal(v, train.load_autoencoder(vq).state_dict()[k]) for k, v in ae.state_dict().items())
-    for task in ("unconditional", "superres", "inpaint"):
+    for task in ("unconditional", "superres", "inpaint", "layout"):
         straight, cut = tmp_path / f"{task}-straight", tmp_path / f"{task}-cut"
         extra = ["--task", task, "--autoencoder", str(vq)]
         full = run_stage(straight, "diffusion", *extra)
@@ -218,3 +222,17 @@ def test_random_masks_are_rectangles_and_strokes_of_bounded_area():
     rectangles = (masks.sum(dim=(1, 2, 3)) == boxes).float().mean()
     assert 0.3 < rectangles < 0.7  # about half fill their bounding box exactly: the rectangles
     assert torch.equal(masks, shapes.random_masks(64, torch.Generator().manual_seed(0)))
+
+
+def test_scene_layouts_are_the_shapes_boxes_and_labels():
+    _, _, scenes = shapes.sample_batch(50, np.random.default_rng(3))
+    for scene in scenes:
+        objects = shapes.layout(scene)
+        assert len(objects) == len(scene.shapes)
+        for (label, (x0, y0, w, h)), d in zip(objects, scene.shapes, strict=True):
+            assert shapes.LAYOUT_CLASSES[label] == (d.colour, d.shape)
+            assert w == h == shapes.SIZES[d.size] / 64
+            assert abs(x0 + w / 2 - d.x / 64) < 1e-9 or x0 in (0.0, 1.0 - w)  # centred, or pushed inside
+            assert abs(y0 + h / 2 - d.y / 64) < 1e-9 or y0 in (0.0, 1.0 - h)
+    tokens = train.LayoutTokenizer(train.LAYOUT)([shapes.layout(s) for s in scenes])
+    assert tokens.shape == (50, 11) and int(tokens.max()) < train.LAYOUT.n_tokens
