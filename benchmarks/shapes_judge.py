@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from ldm_mini.shapes import (  # noqa: E402
     IMAGE_SIZE,
+    LAYOUT_CLASSES,
     PALETTE,
     SHAPES,
     SIZES,
@@ -41,7 +42,7 @@ from ldm_mini.shapes import (  # noqa: E402
 )
 
 __all__ = ["ATTRIBUTES", "SCENE_CHECKS", "Blob", "evaluate", "find_blobs", "judge", "judge_inpaint",
-           "judge_scene", "parse_caption", "seam_energy", "summarize"]  # fmt: skip
+           "judge_layout", "judge_scene", "parse_caption", "seam_energy", "summarize"]  # fmt: skip
 
 ATTRIBUTES = ("count", "colour", "shape", "binding", "size", "position")
 _COLOURS = np.array(list(PALETTE.values()), np.float32)  # (K, 3)
@@ -262,6 +263,30 @@ def judge_inpaint(composite, truth, mask, caption: str | Spec, *, max_seam: floa
     }
     out["correct"] = all(out.values())
     out["seam energy"] = energy
+    return out
+
+
+def judge_layout(image, layout: list, *, slack: float = 3.0, **find_kwargs) -> dict:
+    """A sample of a layout (shapes.layout's format: (class, (x0, y0, w, h)), classes shapes.LAYOUT_CLASSES,
+    boxes relative to the image): every box holds a shape of its label and nothing else appears.
+
+    count    as many blobs as objects
+    objects  each object has its own blob of its colour and shape, whose centre is within `slack` pixels
+             of the box's centre and whose extent is within `slack` pixels of the box's side
+    "correct" = both; "blobs" as judge()."""
+    blobs = find_blobs(image, **find_kwargs)
+    free, matched = list(blobs), 0
+    for label, (x0, y0, w, h) in layout:
+        colour, shape = LAYOUT_CLASSES[label]
+        cx, cy, side = (x0 + w / 2) * IMAGE_SIZE, (y0 + h / 2) * IMAGE_SIZE, max(w, h) * IMAGE_SIZE
+        hit = next((b for b in free if (b.colour, b.shape) == (colour, shape) and abs(b.x - cx) <= slack
+                    and abs(b.y - cy) <= slack and abs(max(b.extent) - side) <= slack), None)  # fmt: skip
+        if hit is not None:
+            free.remove(hit)
+            matched += 1
+    out = {"count": len(blobs) == len(layout), "objects": matched == len(layout)}
+    out["correct"] = all(out.values())
+    out["blobs"] = blobs
     return out
 
 

@@ -228,3 +228,18 @@ def test_judge_inpaint_on_ground_truth_and_broken_fills():
     moved = image.clone()
     moved[:, 0, 0] = -1.0  # a kept pixel changed
     assert not shapes_judge.judge_inpaint(moved, image, mask, caption)["kept"]
+
+
+def test_judge_layout_on_ground_truth_and_moved_or_wrong_shapes():
+    images, _, scenes = sample_batch(60, np.random.default_rng(13))
+    for image, scene in zip(images, scenes, strict=True):
+        assert shapes_judge.judge_layout(image, shapes_module.layout(scene))["correct"], scene.caption
+    image, scene = images[0], scenes[0]
+    objects = shapes_module.layout(scene)
+    label, (x0, y0, w, h) = objects[0]
+    shifted = x0 + 0.2 if x0 + 0.2 <= 1 - w else x0 - 0.2  # the box 13 px to one side, inside the image
+    assert not shapes_judge.judge_layout(image, [(label, (shifted, y0, w, h)), *objects[1:]])["correct"]
+    colour, shape = shapes_module.LAYOUT_CLASSES[label]
+    other = shapes_module.LAYOUT_CLASSES.index((colour, next(s for s in SHAPES if s != shape)))
+    assert not shapes_judge.judge_layout(image, [(other, (x0, y0, w, h)), *objects[1:]])["correct"]
+    assert not shapes_judge.judge_layout(image, objects[1:])["correct"]  # a shape the layout lacks
