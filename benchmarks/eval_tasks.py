@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import ldm_mini  # noqa: E402
 from benchmarks.eval_shapes import write_section  # noqa: E402
-from benchmarks.shapes_judge import SCENE_CHECKS, judge, judge_scene  # noqa: E402
+from benchmarks.shapes_judge import SCENE_CHECKS, judge, judge_inpaint, judge_layout, judge_scene  # noqa: E402
 from ldm_mini import shapes  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -122,10 +122,62 @@ def eval_uncond(m, n: int, seed: int, steps: int) -> tuple[dict, torch.Tensor]:
     return rows, images[:16]
 
 
+INPAINT_CHECKS = ("scene", "kept", "seam", "correct")
+
+
+@torch.no_grad()
+def eval_inpaint(m, n: int, seed: int, steps: int) -> tuple[dict, torch.Tensor]:
+    """Held-out scenes under random masks (shapes.random_masks: rectangles and strokes), filled by the model
+    and judged with judge_inpaint: overall, and apart for masks that cover part of a shape and masks over
+    background only (which must stay background)."""
+    images, captions, _ = shapes.sample_batch(n, np.random.default_rng([seed, 4]), split="heldout")
+    masks = shapes.random_masks(n, torch.Generator().manual_seed(seed))
+    out = ldm_mini.inpaint(m, images, masks, num_inference_steps=steps, output_type="pt", progress=False,
+                           generator=torch.Generator().manual_seed(seed)) * 2 - 1  # fmt: skip
+    verdicts = [
+        judge_inpaint(o, im, mk, c) for o, im, mk, c in zip(out, images, masks, captions, strict=True)
+    ]
+    # a shape pixel is dark in at least one channel (every palette colour is); the background is light in all
+    on_shape = images.amin(dim=1) < -0.1  # (n, 64, 64)
+    covers = [bool(((mk[0] > 0) & s).any()) for mk, s in zip(masks, on_shape, strict=True)]
+    rows = {}
+    for name, pick in (("all", [True] * n), ("mask over a shape", covers),
+                       ("mask over background", [not c for c in covers])):  # fmt: skip
+        vs = [v for v, p in zip(verdicts, pick, strict=True) if p]
+        energy = [v["seam energy"] for v in vs]  # (composite's, truth's) each
+        rows[name] = {"n": len(vs), **{k: float(np.mean([v[k] for v in vs])) for k in INPAINT_CHECKS},
+                      "seam energy": float(np.mean([e[0] for e in energy])),
+                      "truth's": float(np.mean([e[1] for e in energy]))}  # fmt: skip
+    grid = torch.cat([(1 - masks[:8]) * images[:8], out[:8], images[:8]])
+    return rows, grid
+
+
+@torch.no_grad()
+def eval_layout(m, n: int, seed: int, steps: int) -> tuple[dict, torch.Tensor]:
+    """The layouts of held-out scenes (boxes and colour x shape labels, some pairs never seen in training):
+    judge_layout of each sample, overall and by the number of objects."""
+    _, _, scenes = shapes.sample_batch(n, np.random.default_rng([seed, 6]), split="heldout")
+    layouts = [shapes.layout(s) for s in scenes]
+    images = ldm_mini.layout_to_image(m, layouts, num_inference_steps=steps, output_type="pt", progress=False,
+                                      generator=torch.Generator().manual_seed(seed)) * 2 - 1  # fmt: skip
+    verdicts = [judge_layout(im, lay) for im, lay in zip(images, layouts, strict=True)]
+    rows = {}
+    for k in ("all", 1, 2, 3):
+        vs = [v for v, lay in zip(verdicts, layouts, strict=True) if k == "all" or len(lay) == k]
+        rows[f"{k} objects" if k != "all" else "all"] = {
+            "n": len(vs),
+            **{c: float(np.mean([v[c] for v in vs])) for c in ("count", "objects", "correct")},
+        }
+    return rows, images[:16]
+
+
 def table(rows: dict, columns: list[str]) -> str:
-    def cell(v):
-        return "" if v is None else f"{v:.1f}" if isinstance(v, float) and v > 1.5 else (
-            f"{100 * v:.1f}%" if isinstance(v, float) else str(v))  # fmt: skip
+    def cell(v):  # fractions as percentages, dB and counts as they are, energies with 4 decimals
+        if v is None:
+            return ""
+        if isinstance(v, float):
+            return f"{v:.4f}" if v < 0.05 else f"{100 * v:.1f}%" if v <= 1.0 else f"{v:.1f}"
+        return str(v)
 
     head = "| | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns)
     body = [
@@ -150,7 +202,9 @@ def main(argv=None):
     ap.add_argument("--vq", default="shapes-vq", help="the VQ autoencoder (name or file)")
     ap.add_argument("--superres", default="shapes-superres")
     ap.add_argument("--uncond", default="shapes-uncond")
-    ap.add_argument("--only", choices=("vq", "superres", "uncond"), action="append")
+    ap.add_argument("--inpaint", default="shapes-inpaint")
+    ap.add_argument("--layout", default="shapes-layout")
+    ap.add_argument("--only", choices=("vq", "superres", "uncond", "inpaint", "layout"), action="append")
     ap.add_argument("--n", type=int, default=200, help="scenes / samples per model (default 200)")
     ap.add_argument("--steps", type=int, help="sampler steps (default: each file's recommended)")
     ap.add_argument("--seed", type=int, default=0)
@@ -158,7 +212,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     parts, start = [], time.time()
-    which = args.only or ["vq", "superres", "uncond"]
+    which = args.only or ["vq", "superres", "uncond", "inpaint", "layout"]
     if "vq" in which:
         rows = eval_vq(
             ldm_mini.load_autoencoder(args.vq), ldm_mini.load("shapes").autoencoder, args.n, args.seed
@@ -189,6 +243,28 @@ def main(argv=None):
                      + "\n\n![samples](tasks_uncond.png)")  # fmt: skip
         if args.write:
             save_grid(samples, HERE / "tasks_uncond.png", nrow=8)
+    if "inpaint" in which:
+        m = ldm_mini.load(args.inpaint)
+        steps = args.steps or m.recommended.get("steps", 50)
+        rows, grid = eval_inpaint(m, args.n, args.seed, steps)
+        parts.append(f"### shapes-inpaint: {args.n} held-out scenes, random masks, DDIM {steps} steps\n\n"
+                     + table(rows, ["n", "scene", "kept", "seam", "correct", "seam energy", "truth's"])
+                     + "\n\n(judge_inpaint: scene = the composite read as the caption says; kept = unmasked "
+                     "pixels unchanged; seam = the gradient energy on the mask border at most 0.02 above the "
+                     "truth's; energies in [-1, 1] units)\n\n![inpaint](tasks_inpaint.png)\n\nRows: the "
+                     "masked input, the composite, the ground truth.")  # fmt: skip
+        if args.write:
+            save_grid(grid, HERE / "tasks_inpaint.png", nrow=8)
+    if "layout" in which:
+        m = ldm_mini.load(args.layout)
+        steps = args.steps or m.recommended.get("steps", 50)
+        rows, samples = eval_layout(m, args.n, args.seed, steps)
+        parts.append(f"### shapes-layout: the layouts of {args.n} held-out scenes, DDIM {steps} steps\n\n"
+                     + table(rows, ["n", "count", "objects", "correct"])
+                     + "\n\n(judge_layout: every box holds a shape of its colour and shape, within 3 px, and "
+                     "nothing else appears)\n\n![layout](tasks_layout.png)")  # fmt: skip
+        if args.write:
+            save_grid(samples, HERE / "tasks_layout.png", nrow=8)
     text = (
         "\n\n".join(parts) + f"\n\n(`python benchmarks/eval_tasks.py`, {time.time() - start:.0f} s on a CPU)"
     )
