@@ -71,9 +71,10 @@ def eval_vq(vq, kl, n: int, seed: int) -> dict:
 
 
 @torch.no_grad()
-def eval_superres(m, n: int, seed: int, steps: int) -> tuple[dict, torch.Tensor]:
-    """Held-out scenes (colour+shape pairs never seen in training), degraded and restored."""
-    images, captions, _ = shapes.sample_batch(n, np.random.default_rng([seed, 2]), split="heldout")
+def eval_superres(m, n: int, seed: int, steps: int, split: str = "train") -> tuple[dict, torch.Tensor]:
+    """Fresh scenes (split "train": never seen, drawn as the training scenes are; "heldout": each with a
+    colour+shape pair never seen in training), degraded and restored."""
+    images, captions, _ = shapes.sample_batch(n, np.random.default_rng([seed, 2]), split=split)
     low = shapes.degrade(images, torch.Generator().manual_seed(seed))  # (n, 3, 16, 16)
     sr = ldm_mini.superres(m, low, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
                            output_type="pt", progress=False) * 2 - 1  # fmt: skip
@@ -225,9 +226,14 @@ def main(argv=None):
         m = ldm_mini.load(args.superres)
         steps = args.steps or m.recommended.get("steps", 50)
         rows, grid = eval_superres(m, args.n, args.seed, steps)
-        parts.append(f"### shapes-superres: {args.n} held-out scenes, 16x16 -> 64x64, DDIM {steps} steps\n\n"
-                     + table(rows, ["psnr", "judge"]) + "\n\n![superres](tasks_superres.png)\n\nRows: the "
-                     "16x16 input (nearest), bicubic, the LDM, the ground truth.")  # fmt: skip
+        held, _ = eval_superres(m, args.n, args.seed, steps, split="heldout")
+        rows = {f"{k}, fresh scenes": v for k, v in rows.items()} | {
+            f"{k}, held-out pairs": v for k, v in held.items()}  # fmt: skip
+        parts.append(f"### shapes-superres: {args.n} + {args.n} unseen scenes, 16x16 -> 64x64, DDIM {steps} "
+                     "steps\n\n" + table(rows, ["psnr", "judge"]) + "\n\n(fresh scenes: drawn as the "
+                     "training scenes are, none of them seen; held-out pairs: each scene has a colour+shape "
+                     "pair that no training scene has)\n\n![superres](tasks_superres.png)\n\nRows: the 16x16 "
+                     "input (nearest), bicubic, the LDM, the ground truth (fresh scenes).")  # fmt: skip
         if args.write:
             save_grid(grid, HERE / "tasks_superres.png", nrow=8)
     if "uncond" in which:

@@ -359,3 +359,14 @@ def layout(scene: Scene) -> list[tuple[int, tuple[float, float, float, float]]]:
         y0 = min(max(d.y / IMAGE_SIZE - side / 2, 0.0), 1.0 - side)
         objects.append((LAYOUT_CLASSES.index((d.colour, d.shape)), (x0, y0, side, side)))
     return objects
+
+
+def segmentation(scene: Scene) -> torch.Tensor:
+    """A scene's label map (64, 64) int64: 0 = background, 1 + LAYOUT_CLASSES.index((colour, shape)) where a
+    shape covers at least half of the pixel (its anti-aliased outline at half coverage, as render draws it and
+    the judge reads it); a later shape covers an earlier one, as in render."""
+    labels = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.int64)
+    for d in scene.shapes:
+        inside = signed_distance(d.shape, _XS - d.x, _YS - d.y, SIZES[d.size]) < 0
+        labels[inside] = 1 + LAYOUT_CLASSES.index((d.colour, d.shape))
+    return torch.from_numpy(labels)

@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 from . import samplers, shapes
 from .autoencoder import AutoencoderConfig, AutoencoderKL, VQModel, build_autoencoder
 from .bert import LDMBert, LDMBertConfig
-from .conditioning import LayoutConfig, LayoutTokenizer
+from .conditioning import LayoutConfig, LayoutTokenizer, SpatialRescaler, SpatialRescalerConfig
 from .loading import config_from_values, config_to_json, make_autoencoder_metadata, save, write_file
 from .model import LatentDiffusion
 from .schedule import ScheduleConfig, q_sample, snr
@@ -98,7 +98,12 @@ UNETS = {
     "inpaint": dataclasses.replace(UNET, in_channels=7, out_channels=3, context_dim=None),
     # layout-to-image: UNET's cross-attention reads a layout transformer (as layout2img-openimages256)
     "layout": dataclasses.replace(UNET, in_channels=3, out_channels=3),
+    # semantic synthesis: the rescaled label map concatenated to z_t, 3 + 3 (as semantic_synthesis256)
+    "semantic": dataclasses.replace(UNET, in_channels=6, out_channels=3, context_dim=None),
 }
+# The label maps of semantic synthesis (shapes.segmentation): background + 32 classes, one-hot, rescaled by
+# SpatialRescaler (two bilinear halvings to the 16x16 latent, a 1x1 conv to 3 channels, trained with the UNet)
+SEGMENTATION = SpatialRescalerConfig(in_channels=1 + len(shapes.LAYOUT_CLASSES), out_channels=3)
 # The layout tokens (conditioning.LayoutTokenizer): 32 classes (colour x shape), box corners on a 32 x 32 grid
 # (2 px), at most 3 objects: 3 * 3 + 2 = 11 tokens for a 2-layer LDMBert of TEXT_WIDTH, trained with the UNet
 LAYOUT = LayoutConfig(n_tokens=1024, n_classes=len(shapes.LAYOUT_CLASSES), max_objects=3)
@@ -113,7 +118,7 @@ TRAIN_NUM_SHAPES_P = (0.3, 0.5, 0.2)
 # What the command line samples each model with by default (measured: benchmarks/RESULTS.md)
 RECOMMENDED = {"steps": 20, "guidance": 2.0}  # shapes (txt2img): the guidance sweep
 RECOMMENDED_OF = {"txt2img": RECOMMENDED, "unconditional": {"steps": 50}, "superres": {"steps": 50},
-                  "inpaint": {"steps": 50}, "layout": {"steps": 50}}  # fmt: skip
+                  "inpaint": {"steps": 50}, "layout": {"steps": 50}, "semantic": {"steps": 50}}  # fmt: skip
 GRID_PROMPTS = [
     "a red circle above a blue square",
     "a green triangle on the left",
@@ -389,9 +394,12 @@ def task_condition(m: LatentDiffusion, images: Tensor, scenes: list, gen: torch.
     """What the UNet of a task is given besides z_t in training: nothing (unconditional); the degraded 16x16
     image (superres, shapes.degrade, as bsr_sr); the masked image's latent and the mask of a random
     rectangle or stroke (inpaint, shapes.random_masks, as inpainting_big: m.inpaint_condition); the layout
-    transformer's context of the scenes' boxes (layout, shapes.layout, as layout2img-openimages256)."""
+    transformer's context of the scenes' boxes (layout, shapes.layout, as layout2img-openimages256); the
+    rescaled label map (semantic, shapes.segmentation, as semantic_synthesis256)."""
     if m.kind == "layout":
         return m.encode_layout(m.layout_tokens([shapes.layout(s) for s in scenes]))  # (B, 11, 128)
+    if m.kind == "semantic":
+        return m.encode_segmentation(torch.stack([shapes.segmentation(s) for s in scenes]))  # (B, 3, 16, 16)
     if m.kind == "superres":
         return shapes.degrade(images, gen)  # (B, 3, 16, 16) in [-1, 1]
     if m.kind == "inpaint":
@@ -402,11 +410,12 @@ def task_condition(m: LatentDiffusion, images: Tensor, scenes: list, gen: torch.
 def task_loss(m: LatentDiffusion, images: Tensor, scenes: list, gen: torch.Generator):
     """The min-SNR-5 eps loss of the unconditional, super-resolution, inpainting and layout models: the
     task's condition (task_condition) concatenated to z_t or, for layouts, the cross-attention context
-    (computed with gradients: the layout transformer trains with the UNet)."""
+    (layout and semantic: computed with gradients, their encoders train with the UNet)."""
+    learnt = m.kind in ("layout", "semantic")  # their encoders train with the UNet (cond_stage_trainable)
     with torch.no_grad():
         z0 = first_stage_latent(m.autoencoder, images, gen) * m.scale_factor  # (B, 3, 16, 16)
-        cond = None if m.kind == "layout" else task_condition(m, images, scenes, gen)
-    if m.kind == "layout":
+        cond = None if learnt else task_condition(m, images, scenes, gen)
+    if learnt:
         cond = task_condition(m, images, scenes, gen)
     t = torch.randint(0, m.alphas_cumprod.shape[0], (len(images),), generator=gen)  # (B,) uniform
     noise = torch.randn(z0.shape, generator=gen)
@@ -423,6 +432,9 @@ def build_task_model(task: str, ae, scale_factor: float, tokenizer: Tokenizer | 
                              ffn_dim=4 * TEXT_WIDTH)  # fmt: skip
         return LatentDiffusion("layout", UNet(UNETS[task]), ae, SCHEDULE, scale_factor, LDMBert(text),
                                layout_tokenizer=LayoutTokenizer(LAYOUT))  # fmt: skip
+    if task == "semantic":
+        return LatentDiffusion("semantic", UNet(UNETS[task]), ae, SCHEDULE, scale_factor,
+                               segmentation_encoder=SpatialRescaler(SEGMENTATION))  # fmt: skip
     return LatentDiffusion(task, UNet(UNETS[task]), ae, SCHEDULE, scale_factor)
 
 
@@ -460,8 +472,8 @@ def task_grid(m: LatentDiffusion, path: Path, seed: int, steps: int = 20) -> Non
         sr = m.decode(samplers.ddim(m, x_T, steps, cond=low, progress=False))
         save_grid(torch.cat([F.interpolate(low, scale_factor=4, mode="bicubic"), sr, images]), path, nrow=8)
         return
-    if m.kind == "layout":
-        cond = m.encode_layout(m.layout_tokens([shapes.layout(s) for s in scenes]))
+    if m.kind in ("layout", "semantic"):
+        cond = task_condition(m, images, scenes, gen)
         samples = m.decode(samplers.ddim(m, x_T, steps, cond=cond, progress=False))
         save_grid(torch.cat([samples, images]), path, nrow=8)
         return
@@ -478,8 +490,11 @@ def train_diffusion(args) -> Path:
     text = args.task == "txt2img"  # captions: a tokenizer, caption dropout, guidance grids
     tokenizer = train_tokenizer(seed=args.seed) if text else None
     m = build_task_model(args.task, ae, latent_scale(ae, args.scale_images, args.seed), tokenizer)
-    encoder = m.text_encoder is not None  # txt2img and layout: LDMBert trains with the UNet
-    trained = nn.ModuleDict({"unet": m.unet, **({"text_encoder": m.text_encoder} if encoder else {})})
+    # what trains: the UNet and the task's encoder, where it has one (LDMBert, the segmentation rescaler)
+    encoders = {
+        k: getattr(m, k) for k in ("text_encoder", "segmentation_encoder") if getattr(m, k) is not None
+    }
+    trained = nn.ModuleDict({"unet": m.unet, **encoders})
     ema = copy.deepcopy(trained).requires_grad_(False)
     opt = torch.optim.AdamW(trained.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     rng, gen = np.random.default_rng([args.seed, 4]), torch.Generator().manual_seed(args.seed)
@@ -512,7 +527,9 @@ def train_diffusion(args) -> Path:
                 "task": args.task,
                 "vocab": tokenizer.vocab_text if text else None,
                 "unet_config": config_to_json(UNETS[args.task]),
-                "text_encoder_config": config_to_json(m.text_encoder.config) if encoder else None,
+                "text_encoder_config": config_to_json(m.text_encoder.config)
+                if "text_encoder" in encoders
+                else None,
                 "args": vars(args),
                 "autoencoder": fingerprint(ae),
                 "autoencoder_config": dataclasses.asdict(ae.config),
@@ -521,9 +538,9 @@ def train_diffusion(args) -> Path:
         )  # fmt: skip (export needs no other folder)
 
     def ema_model() -> LatentDiffusion:  # with m's autoencoder, tokenizers and schedule
-        return LatentDiffusion(args.task, ema["unet"], ae, SCHEDULE, m.scale_factor,
-                               ema["text_encoder"] if encoder else None, tokenizer,
-                               layout_tokenizer=m.layout_tokenizer)  # fmt: skip
+        parts = {k: ema[k] if k in ema else None for k in ("text_encoder", "segmentation_encoder")}
+        return LatentDiffusion(args.task, ema["unet"], ae, SCHEDULE, m.scale_factor, tokenizer=tokenizer,
+                               layout_tokenizer=m.layout_tokenizer, **parts)  # fmt: skip
 
     start, last_ckpt = time.time() - elapsed, time.time()
     bar = tqdm(total=args.steps, initial=step, desc="diffusion", disable=not args.progress)
@@ -573,10 +590,12 @@ def export(out: str | os.PathLike, path: str | os.PathLike, dtype: str = "float3
         m = build_task_model(task, ae, state["scale_factor"], tokenizer)
     m.autoencoder = ae.eval()
     m.unet.load_state_dict({k[5:]: v for k, v in state["ema"].items() if k.startswith("unet.")}, assign=True)
-    if m.text_encoder is not None:
-        m.text_encoder.load_state_dict(
-            {k[13:]: v for k, v in state["ema"].items() if k.startswith("text_encoder.")}, assign=True
-        )
+    for name in ("text_encoder", "segmentation_encoder"):  # the trained encoder, if the task has one
+        if getattr(m, name) is not None:
+            prefix = name + "."
+            getattr(m, name).load_state_dict(
+                {k[len(prefix) :]: v for k, v in state["ema"].items() if k.startswith(prefix)}, assign=True
+            )
     source = (f"ldm_mini.train shapes world: {state['step']} diffusion steps, EMA weights, "
               f"{state['elapsed'] / 60:.1f} min of diffusion training")  # fmt: skip
     dtype = {"float32": None, "float16": torch.float16}[dtype]

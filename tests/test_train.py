@@ -153,7 +153,7 @@ def test_dead_codes_restart_on_encoder_outputs_and_perplexity_counts_used_codes(
     assert train.perplexity(torch.tensor([1, 0, 0, 0])) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("task", ["unconditional", "superres", "inpaint", "layout"])
+@pytest.mark.parametrize("task", ["unconditional", "superres", "inpaint", "layout", "semantic"])
 def test_task_steps_reduce_loss(task):
     torch.manual_seed(0)
     ae = VQModel(train.AUTOENCODER_VQ).eval().requires_grad_(False)
@@ -197,7 +197,7 @@ def test_task_runs_resume_exactly_and_export_a_model_of_their_kind(tmp_path):
     ae = ldm_mini.load_autoencoder(tmp_path / "vq.safetensors")
     assert isinstance(ae, VQModel) and ae.config == train.AUTOENCODER_VQ
     assert all(torch.equal(v, train.load_autoencoder(vq).state_dict()[k]) for k, v in ae.state_dict().items())
-    for task in ("unconditional", "superres", "inpaint", "layout"):
+    for task in ("unconditional", "superres", "inpaint", "layout", "semantic"):
         straight, cut = tmp_path / f"{task}-straight", tmp_path / f"{task}-cut"
         extra = ["--task", task, "--autoencoder", str(vq)]
         full = run_stage(straight, "diffusion", *extra)
@@ -236,3 +236,24 @@ def test_scene_layouts_are_the_shapes_boxes_and_labels():
             assert abs(y0 + h / 2 - d.y / 64) < 1e-9 or y0 in (0.0, 1.0 - h)
     tokens = train.LayoutTokenizer(train.LAYOUT)([shapes.layout(s) for s in scenes])
     assert tokens.shape == (50, 11) and int(tokens.max()) < train.LAYOUT.n_tokens
+
+
+def test_segmentations_label_each_shape_where_it_covers_half_a_pixel():
+    images, _, scenes = shapes.sample_batch(30, np.random.default_rng(4))
+    for image, scene in zip(images, scenes, strict=True):
+        labels = shapes.segmentation(scene)
+        assert labels.shape == (64, 64) and labels.dtype == torch.int64
+        assert sorted(labels.unique().tolist()[1:]) == sorted(
+            1 + shapes.LAYOUT_CLASSES.index((d.colour, d.shape)) for d in scene.shapes
+        )
+        for d in scene.shapes:  # the labelled pixels have the shape's colour (up to anti-aliasing)
+            inside = labels == 1 + shapes.LAYOUT_CLASSES.index((d.colour, d.shape))
+            colour = torch.tensor(shapes.PALETTE[d.colour], dtype=torch.float32) / 127.5 - 1
+            assert (image[:, inside].T - colour).abs().mean() < 0.1
+    m = train.build_task_model("semantic", VQModel(train.AUTOENCODER_VQ), 1.0)
+    assert m.encode_segmentation(torch.stack([shapes.segmentation(s) for s in scenes[:2]])).shape == (
+        2,
+        3,
+        16,
+        16,
+    )
