@@ -1,18 +1,22 @@
-"""Judge-based evaluation of the embedded VQ, super-resolution and unconditional shapes models.
+"""Judge-based evaluation of the embedded VQ, super-resolution, unconditional, inpainting and semantic models.
 
 shapes-vq        reconstructions of fresh scenes: PSNR, the judge's accuracy against their captions, and
                  the codebook's usage (perplexity: how many equally used codes the usage amounts to),
                  beside the KL autoencoder of the text model (shapes) on the same scenes
-shapes-superres  held-out scenes, degraded (shapes.degrade: blur, 4x down, noise) to 16x16 and brought
-                 back to 64x64 by the model and by bicubic interpolation: PSNR against the ground truth and
-                 the judge's accuracy against the captions, for both
+shapes-superres  unseen scenes (fresh ones, and ones with held-out colour+shape pairs), degraded
+                 (shapes.degrade: blur, 4x down, noise) to 16x16 and brought back to 64x64 by the model and
+                 by bicubic interpolation: PSNR against the ground truth and the judge's accuracy against
+                 the captions, for both
 shapes-uncond    samples judged without a caption (shapes_judge.judge_scene: 1-3 blobs, each a known
                  shape of a known size in a palette colour, no colour twice, no stray marks), and the
                  distribution of their shape counts, shapes and colours against the training data's
                  (total variation distance)
+shapes-inpaint   held-out scenes under random masks (judge_inpaint: the composite read against the
+                 caption, kept pixels unchanged, the seam's gradient energy against the truth's)
+shapes-semantic  the label maps of held-out scenes (judge_layout on each region's box)
 
 python benchmarks/eval_tasks.py                        # prints the tables (n = 200 each)
-python benchmarks/eval_tasks.py --write                # also writes RESULTS.md's section and the grid
+python benchmarks/eval_tasks.py --write                # also writes RESULTS.md's two sections, grids
 python benchmarks/eval_tasks.py --uncond runs/u.safetensors --only uncond --n 50
 """
 
@@ -36,8 +40,12 @@ from benchmarks.shapes_judge import SCENE_CHECKS, judge, judge_inpaint, judge_la
 from ldm_mini import shapes  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-BEGIN, END = "<!-- eval_tasks: begin -->", "<!-- eval_tasks: end -->"
-SECTION = "## Embedded VQ, super-resolution and unconditional models"
+MARKERS = [  # (begin, end, section) of the two sections of RESULTS.md this script writes
+    ("<!-- eval_tasks: begin -->", "<!-- eval_tasks: end -->",
+     "## Embedded VQ, super-resolution and unconditional models"),
+    ("<!-- eval_tasks inpaint semantic: begin -->", "<!-- eval_tasks inpaint semantic: end -->",
+     "## Embedded inpainting and semantic-synthesis models"),
+]  # fmt: skip
 
 
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -154,35 +162,46 @@ def eval_inpaint(m, n: int, seed: int, steps: int) -> tuple[dict, torch.Tensor]:
 
 
 @torch.no_grad()
-def eval_layout(m, n: int, seed: int, steps: int) -> tuple[dict, torch.Tensor]:
-    """The layouts of held-out scenes (boxes and colour x shape labels, some pairs never seen in training):
-    judge_layout of each sample, overall and by the number of objects."""
-    _, _, scenes = shapes.sample_batch(n, np.random.default_rng([seed, 6]), split="heldout")
+def eval_semantic(m, n: int, seed: int, steps: int) -> tuple[dict, torch.Tensor]:
+    """The label maps of held-out scenes (shapes.segmentation; some colour+shape pairs never seen in
+    training): every region holds a shape of its label and nothing else appears (judge_layout on the regions'
+    boxes), overall and by the number of regions."""
+    truth, _, scenes = shapes.sample_batch(n, np.random.default_rng([seed, 6]), split="heldout")
+    labels = torch.stack([shapes.segmentation(s) for s in scenes])
+    images = ldm_mini.semantic_synthesis(
+        m,
+        labels,
+        num_inference_steps=steps,
+        output_type="pt",
+        progress=False,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    images = images * 2 - 1  # [0, 1] -> [-1, 1]
     layouts = [shapes.layout(s) for s in scenes]
-    images = ldm_mini.layout_to_image(m, layouts, num_inference_steps=steps, output_type="pt", progress=False,
-                                      generator=torch.Generator().manual_seed(seed)) * 2 - 1  # fmt: skip
     verdicts = [judge_layout(im, lay) for im, lay in zip(images, layouts, strict=True)]
     rows = {}
     for k in ("all", 1, 2, 3):
         vs = [v for v, lay in zip(verdicts, layouts, strict=True) if k == "all" or len(lay) == k]
-        rows[f"{k} objects" if k != "all" else "all"] = {
+        rows[f"{k} regions" if k != "all" else "all"] = {
             "n": len(vs),
             **{c: float(np.mean([v[c] for v in vs])) for c in ("count", "objects", "correct")},
         }
-    return rows, images[:16]
+    return rows, torch.cat([images[:8], truth[:8]])
 
 
 def table(rows: dict, columns: list[str]) -> str:
-    def cell(v):  # fractions as percentages, dB and counts as they are, energies with 4 decimals
+    def cell(v, column: str) -> str:  # fractions as percentages, dB and counts as they are, the rest decimals
         if v is None:
             return ""
+        if isinstance(v, float) and (column.startswith("TV") or "energy" in column or column == "truth's"):
+            return f"{v:.3f}" if column.startswith("TV") else f"{v:.4f}"
         if isinstance(v, float):
-            return f"{v:.4f}" if v < 0.05 else f"{100 * v:.1f}%" if v <= 1.0 else f"{v:.1f}"
+            return f"{100 * v:.1f}%" if v <= 1.0 else f"{v:.1f}"
         return str(v)
 
     head = "| | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns)
     body = [
-        "| " + name + " | " + " | ".join(cell(r.get(c)) for c in columns) + " |" for name, r in rows.items()
+        f"| {name} | " + " | ".join(cell(r.get(c), c) for c in columns) + " |" for name, r in rows.items()
     ]
     return "\n".join([head, *body])
 
@@ -204,16 +223,16 @@ def main(argv=None):
     ap.add_argument("--superres", default="shapes-superres")
     ap.add_argument("--uncond", default="shapes-uncond")
     ap.add_argument("--inpaint", default="shapes-inpaint")
-    ap.add_argument("--layout", default="shapes-layout")
-    ap.add_argument("--only", choices=("vq", "superres", "uncond", "inpaint", "layout"), action="append")
+    ap.add_argument("--semantic", default="shapes-semantic")
+    ap.add_argument("--only", choices=("vq", "superres", "uncond", "inpaint", "semantic"), action="append")
     ap.add_argument("--n", type=int, default=200, help="scenes / samples per model (default 200)")
     ap.add_argument("--steps", type=int, help="sampler steps (default: each file's recommended)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--write", action="store_true", help="write RESULTS.md's section and the grids")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    parts, start = [], time.time()
-    which = args.only or ["vq", "superres", "uncond", "inpaint", "layout"]
+    parts, later, start = [], [], time.time()  # the two sections: VQ / superres / uncond, inpaint / semantic
+    which = args.only or ["vq", "superres", "uncond", "inpaint", "semantic"]
     if "vq" in which:
         rows = eval_vq(
             ldm_mini.load_autoencoder(args.vq), ldm_mini.load("shapes").autoencoder, args.n, args.seed
@@ -253,7 +272,7 @@ def main(argv=None):
         m = ldm_mini.load(args.inpaint)
         steps = args.steps or m.recommended.get("steps", 50)
         rows, grid = eval_inpaint(m, args.n, args.seed, steps)
-        parts.append(f"### shapes-inpaint: {args.n} held-out scenes, random masks, DDIM {steps} steps\n\n"
+        later.append(f"### shapes-inpaint: {args.n} held-out scenes, random masks, DDIM {steps} steps\n\n"
                      + table(rows, ["n", "scene", "kept", "seam", "correct", "seam energy", "truth's"])
                      + "\n\n(judge_inpaint: scene = the composite read as the caption says; kept = unmasked "
                      "pixels unchanged; seam = the gradient energy on the mask border at most 0.02 above the "
@@ -261,23 +280,26 @@ def main(argv=None):
                      "masked input, the composite, the ground truth.")  # fmt: skip
         if args.write:
             save_grid(grid, HERE / "tasks_inpaint.png", nrow=8)
-    if "layout" in which:
-        m = ldm_mini.load(args.layout)
+    if "semantic" in which:
+        m = ldm_mini.load(args.semantic)
         steps = args.steps or m.recommended.get("steps", 50)
-        rows, samples = eval_layout(m, args.n, args.seed, steps)
-        parts.append(f"### shapes-layout: the layouts of {args.n} held-out scenes, DDIM {steps} steps\n\n"
+        rows, grid = eval_semantic(m, args.n, args.seed, steps)
+        later.append(f"### shapes-semantic: the label maps of {args.n} held-out scenes, DDIM {steps} steps"
+                     "\n\n"
                      + table(rows, ["n", "count", "objects", "correct"])
-                     + "\n\n(judge_layout: every box holds a shape of its colour and shape, within 3 px, and "
-                     "nothing else appears)\n\n![layout](tasks_layout.png)")  # fmt: skip
+                     + "\n\n(judge_layout on each region's box: every region holds a shape of its colour and "
+                     "shape, within 3 px, and nothing else appears)\n\n![semantic](tasks_semantic.png)\n\n"
+                     "Rows: samples, the scenes whose maps they were drawn from.")  # fmt: skip
         if args.write:
-            save_grid(samples, HERE / "tasks_layout.png", nrow=8)
-    text = (
-        "\n\n".join(parts) + f"\n\n(`python benchmarks/eval_tasks.py`, {time.time() - start:.0f} s on a CPU)"
-    )
-    print(text)
-    if args.write:
-        write_section(HERE / "RESULTS.md", text, BEGIN, END, SECTION)
-        print(f"wrote {HERE / 'RESULTS.md'}")
+            save_grid(grid, HERE / "tasks_semantic.png", nrow=8)
+    took = f"(`python benchmarks/eval_tasks.py`, {time.time() - start:.0f} s on a CPU)"
+    for texts, (begin, end, section) in ((parts, MARKERS[0]), (later, MARKERS[1])):
+        if texts:
+            text = "\n\n".join(texts) + "\n\n" + took
+            print(text)
+            if args.write:
+                write_section(HERE / "RESULTS.md", text, begin, end, section)
+                print(f"wrote {HERE / 'RESULTS.md'}: {section}")
 
 
 if __name__ == "__main__":
