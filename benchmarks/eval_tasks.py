@@ -217,83 +217,92 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
     PIL.Image.fromarray(grid).save(path)
 
 
+# --- one report per model: (its markdown, its figure or None) -------------------------------------------
+def model_and_steps(spec: str, args):
+    m = ldm_mini.load(spec)
+    return m, args.steps or m.recommended.get("steps", 50)
+
+
+def report_vq(args):
+    rows = eval_vq(ldm_mini.load_autoencoder(args.vq), ldm_mini.load("shapes").autoencoder, args.n, args.seed)
+    return (f"### shapes-vq: reconstructions of {args.n} fresh scenes\n\n"
+            + table(rows, ["psnr", "judge", "perplexity", "codes used"])
+            + "\n\n(psnr in dB; judge: the fraction read as the caption says; kl = the KL-f4 of the text "
+            "model, for comparison)"), None  # fmt: skip
+
+
+def report_superres(args):
+    m, steps = model_and_steps(args.superres, args)
+    rows, grid = eval_superres(m, args.n, args.seed, steps)
+    held, _ = eval_superres(m, args.n, args.seed, steps, split="heldout")
+    rows = {f"{k}, fresh scenes": v for k, v in rows.items()} | {
+        f"{k}, held-out pairs": v for k, v in held.items()}  # fmt: skip
+    return (f"### shapes-superres: {args.n} + {args.n} unseen scenes, 16x16 -> 64x64, DDIM {steps} steps\n\n"
+            + table(rows, ["psnr", "judge"]) + "\n\n(fresh scenes: drawn as the training scenes are, none "
+            "of them seen; held-out pairs: each scene has a colour+shape pair that no training scene has)"
+            "\n\n![superres](tasks_superres.png)\n\nRows: the 16x16 input (nearest), bicubic, the LDM, the "
+            "ground truth (fresh scenes)."), grid  # fmt: skip
+
+
+def report_uncond(args):
+    m, steps = model_and_steps(args.uncond, args)
+    rows, samples = eval_uncond(m, args.n, args.seed, steps)
+    lines = [f"- {k}: samples {a} vs training data {b}" for k, (a, b) in rows.pop("histograms").items()]
+    return (f"### shapes-uncond: {args.n} samples, DDIM {steps} steps\n\n"
+            + table(rows, [*SCENE_CHECKS, "valid", "TV count", "TV shape", "TV colour"])
+            + "\n\n(the fraction passing each check of judge_scene; TV: total variation distance of the "
+            "valid samples' histograms to the training data's, 0 = equal)\n\n" + "\n".join(lines)
+            + "\n\n![samples](tasks_uncond.png)"), samples  # fmt: skip
+
+
+def report_inpaint(args):
+    m, steps = model_and_steps(args.inpaint, args)
+    rows, grid = eval_inpaint(m, args.n, args.seed, steps)
+    return (f"### shapes-inpaint: {args.n} held-out scenes, random masks, DDIM {steps} steps\n\n"
+            + table(rows, ["n", "scene", "kept", "seam", "correct", "seam energy", "truth's"])
+            + "\n\n(judge_inpaint: scene = the composite read as the caption says; kept = unmasked pixels "
+            "unchanged; seam = the gradient energy on the mask border at most 0.02 above the truth's; "
+            "energies in [-1, 1] units)\n\n![inpaint](tasks_inpaint.png)\n\nRows: the masked input, the "
+            "composite, the ground truth."), grid  # fmt: skip
+
+
+def report_semantic(args):
+    m, steps = model_and_steps(args.semantic, args)
+    rows, grid = eval_semantic(m, args.n, args.seed, steps)
+    return (f"### shapes-semantic: the label maps of {args.n} held-out scenes, DDIM {steps} steps\n\n"
+            + table(rows, ["n", "count", "objects", "correct"])
+            + "\n\n(judge_layout on each region's box: every region holds a shape of its colour and shape, "
+            "within 3 px, and nothing else appears)\n\n![semantic](tasks_semantic.png)\n\nRows: samples, "
+            "the scenes whose maps they were drawn from."), grid  # fmt: skip
+
+
+REPORTS = {  # model -> (its report, the section of RESULTS.md it goes to: MARKERS[i])
+    "vq": (report_vq, 0), "superres": (report_superres, 0), "uncond": (report_uncond, 0),
+    "inpaint": (report_inpaint, 1), "semantic": (report_semantic, 1),
+}  # fmt: skip
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--vq", default="shapes-vq", help="the VQ autoencoder (name or file)")
-    ap.add_argument("--superres", default="shapes-superres")
-    ap.add_argument("--uncond", default="shapes-uncond")
-    ap.add_argument("--inpaint", default="shapes-inpaint")
-    ap.add_argument("--semantic", default="shapes-semantic")
-    ap.add_argument("--only", choices=("vq", "superres", "uncond", "inpaint", "semantic"), action="append")
+    for name in REPORTS:  # which file to judge: an embedded name (the default) or a path
+        ap.add_argument(
+            f"--{name}", default=f"shapes-{name}", help=f"the {name} model (default shapes-{name})"
+        )
+    ap.add_argument("--only", choices=tuple(REPORTS), action="append", help="judge only these models")
     ap.add_argument("--n", type=int, default=200, help="scenes / samples per model (default 200)")
     ap.add_argument("--steps", type=int, help="sampler steps (default: each file's recommended)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--write", action="store_true", help="write RESULTS.md's section and the grids")
+    ap.add_argument("--write", action="store_true", help="write RESULTS.md's sections and the grids")
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    parts, later, start = [], [], time.time()  # the two sections: VQ / superres / uncond, inpaint / semantic
-    which = args.only or ["vq", "superres", "uncond", "inpaint", "semantic"]
-    if "vq" in which:
-        rows = eval_vq(
-            ldm_mini.load_autoencoder(args.vq), ldm_mini.load("shapes").autoencoder, args.n, args.seed
-        )
-        parts.append(f"### shapes-vq: reconstructions of {args.n} fresh scenes\n\n"
-                     + table(rows, ["psnr", "judge", "perplexity", "codes used"])  # fmt: skip
-                     + "\n\n(psnr in dB; judge: the fraction read as the caption says; kl = the KL-f4 of the "
-                     "text model, for comparison)")  # fmt: skip
-    if "superres" in which:
-        m = ldm_mini.load(args.superres)
-        steps = args.steps or m.recommended.get("steps", 50)
-        rows, grid = eval_superres(m, args.n, args.seed, steps)
-        held, _ = eval_superres(m, args.n, args.seed, steps, split="heldout")
-        rows = {f"{k}, fresh scenes": v for k, v in rows.items()} | {
-            f"{k}, held-out pairs": v for k, v in held.items()}  # fmt: skip
-        parts.append(f"### shapes-superres: {args.n} + {args.n} unseen scenes, 16x16 -> 64x64, DDIM {steps} "
-                     "steps\n\n" + table(rows, ["psnr", "judge"]) + "\n\n(fresh scenes: drawn as the "
-                     "training scenes are, none of them seen; held-out pairs: each scene has a colour+shape "
-                     "pair that no training scene has)\n\n![superres](tasks_superres.png)\n\nRows: the 16x16 "
-                     "input (nearest), bicubic, the LDM, the ground truth (fresh scenes).")  # fmt: skip
-        if args.write:
-            save_grid(grid, HERE / "tasks_superres.png", nrow=8)
-    if "uncond" in which:
-        m = ldm_mini.load(args.uncond)
-        steps = args.steps or m.recommended.get("steps", 50)
-        rows, samples = eval_uncond(m, args.n, args.seed, steps)
-        hist = rows.pop("histograms")
-        lines = [f"- {k}: samples {a} vs training data {b}" for k, (a, b) in hist.items()]
-        parts.append(f"### shapes-uncond: {args.n} samples, DDIM {steps} steps\n\n"
-                     + table(rows, [*SCENE_CHECKS, "valid", "TV count", "TV shape", "TV colour"])
-                     + "\n\n(the fraction passing each check of judge_scene; TV: total variation distance of "
-                     "the valid samples' histograms to the training data's, 0 = equal)\n\n" + "\n".join(lines)
-                     + "\n\n![samples](tasks_uncond.png)")  # fmt: skip
-        if args.write:
-            save_grid(samples, HERE / "tasks_uncond.png", nrow=8)
-    if "inpaint" in which:
-        m = ldm_mini.load(args.inpaint)
-        steps = args.steps or m.recommended.get("steps", 50)
-        rows, grid = eval_inpaint(m, args.n, args.seed, steps)
-        later.append(f"### shapes-inpaint: {args.n} held-out scenes, random masks, DDIM {steps} steps\n\n"
-                     + table(rows, ["n", "scene", "kept", "seam", "correct", "seam energy", "truth's"])
-                     + "\n\n(judge_inpaint: scene = the composite read as the caption says; kept = unmasked "
-                     "pixels unchanged; seam = the gradient energy on the mask border at most 0.02 above the "
-                     "truth's; energies in [-1, 1] units)\n\n![inpaint](tasks_inpaint.png)\n\nRows: the "
-                     "masked input, the composite, the ground truth.")  # fmt: skip
-        if args.write:
-            save_grid(grid, HERE / "tasks_inpaint.png", nrow=8)
-    if "semantic" in which:
-        m = ldm_mini.load(args.semantic)
-        steps = args.steps or m.recommended.get("steps", 50)
-        rows, grid = eval_semantic(m, args.n, args.seed, steps)
-        later.append(f"### shapes-semantic: the label maps of {args.n} held-out scenes, DDIM {steps} steps"
-                     "\n\n"
-                     + table(rows, ["n", "count", "objects", "correct"])
-                     + "\n\n(judge_layout on each region's box: every region holds a shape of its colour and "
-                     "shape, within 3 px, and nothing else appears)\n\n![semantic](tasks_semantic.png)\n\n"
-                     "Rows: samples, the scenes whose maps they were drawn from.")  # fmt: skip
-        if args.write:
-            save_grid(grid, HERE / "tasks_semantic.png", nrow=8)
+    sections, start = ([], []), time.time()
+    for name in args.only or REPORTS:
+        report, section = REPORTS[name]
+        text, grid = report(args)
+        sections[section].append(text)
+        if args.write and grid is not None:
+            save_grid(grid, HERE / f"tasks_{name}.png", nrow=8)
     took = f"(`python benchmarks/eval_tasks.py`, {time.time() - start:.0f} s on a CPU)"
-    for texts, (begin, end, section) in ((parts, MARKERS[0]), (later, MARKERS[1])):
+    for texts, (begin, end, section) in zip(sections, MARKERS, strict=True):
         if texts:
             text = "\n\n".join(texts) + "\n\n" + took
             print(text)
