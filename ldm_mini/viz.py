@@ -1,4 +1,4 @@
-"""Helpers for the notebooks: open a model by name, draw image grids, latents, heat maps, attention maps.
+"""Helpers for the notebooks: example images, image grids, latents, heat maps, attention maps.
 
 Every drawing function takes an optional matplotlib Axes (a new figure when None), always sets a title and
 both axis labels, and returns the Axes. Grids are ONE Axes with the images tiled: the tick labels name the
@@ -12,7 +12,6 @@ matplotlib is needed here only (pip install matplotlib); the rest of ldm_mini do
 from __future__ import annotations
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -23,13 +22,9 @@ except ImportError as e:  # pragma: no cover - a dev dependency
     raise ImportError("ldm_mini.viz draws with matplotlib: `pip install matplotlib`") from e
 
 from . import shapes
-from .autoencoder import AutoencoderConfig, build_autoencoder
-from .model import LatentDiffusion
-from .schedule import ScheduleConfig
-from .unet import UNet, UNetConfig
 
 
-# --- opening a model, example images ---------------------------------------------------------------------
+# --- example images ---------------------------------------------------------------------
 def example_images(n: int, size: int = 64, seed: int = 0) -> tuple[Tensor, list[str]]:
     """n scenes of the shapes world (shapes.py): images (n, 3, size, size) in [-1, 1] and their captions.
     The 64x64 drawings are scaled to `size` with nearest-neighbour (a multiple of 64 keeps edges crisp)."""
@@ -37,37 +32,6 @@ def example_images(n: int, size: int = 64, seed: int = 0) -> tuple[Tensor, list[
     if size != images.shape[-1]:
         images = F.interpolate(images, size=(size, size), mode="nearest")
     return images, captions
-
-
-# Tiny random stand-ins for the two VQ-f4 models (notebooks 06 and 07 without a download): the published
-# architectures shrunk (f = 4 as the real ones, 3 latent channels, legacy self-attention), with the
-# published training schedules (ldm-celebahq-256, ldm-super-resolution-4x-openimages scheduler configs).
-STANDIN_AUTOENCODER = AutoencoderConfig(
-    kind="vq", ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, z_channels=3, embed_dim=3, n_embed=64,
-    norm_num_groups=8,
-)  # fmt: skip
-STANDIN_SCHEDULES = {
-    "unconditional": ScheduleConfig(beta_start=0.0015, beta_end=0.0195),
-    "superres": ScheduleConfig(beta_start=0.0015, beta_end=0.0155),
-}
-
-
-def standin(kind: str, seed: int = 0) -> LatentDiffusion:
-    """A tiny "unconditional" or "superres" LatentDiffusion with RANDOM weights (torch's default init,
-    seeded): right shapes, conventions and code paths, but its samples are noise, not pictures."""
-    if kind not in STANDIN_SCHEDULES:
-        raise ValueError(f"standin builds {tuple(STANDIN_SCHEDULES)} models, not {kind!r}: the embedded "
-                         "shapes model (ldm_mini.load()) is the text-to-image one")  # fmt: skip
-    unet = UNetConfig(  # superres: 3 latent + 3 low-res image channels in (concatenation, LDM Sec. 3.3)
-        in_channels=6 if kind == "superres" else 3, out_channels=3, model_channels=32, channel_mult=(1, 2),
-        num_res_blocks=1, attention_resolutions=(2,), num_heads=None, num_head_channels=16, context_dim=None,
-        norm_num_groups=8, image_size=16,  # 16x16 latents: 64x64 images (superres: 16x16 in, 64x64 out)
-    )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):  # seeded weights, without touching the caller's global RNG
-        torch.manual_seed(seed)
-        autoencoder = build_autoencoder(STANDIN_AUTOENCODER)
-        model = LatentDiffusion(kind, UNet(unet), autoencoder, STANDIN_SCHEDULES[kind], scale_factor=1.0)
-    return model.eval().requires_grad_(False)
 
 
 # --- images and grids -------------------------------------------------------------------------------------
