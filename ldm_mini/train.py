@@ -411,11 +411,10 @@ def task_loss(m: LatentDiffusion, images: Tensor, scenes: list, gen: torch.Gener
     """The min-SNR-5 eps loss of the unconditional, super-resolution, inpainting and layout models: the
     task's condition (task_condition) concatenated to z_t or, for layouts, the cross-attention context
     (layout and semantic: computed with gradients, their encoders train with the UNet)."""
-    learnt = m.kind in ("layout", "semantic")  # their encoders train with the UNet (cond_stage_trainable)
     with torch.no_grad():
         z0 = first_stage_latent(m.autoencoder, images, gen) * m.scale_factor  # (B, 3, 16, 16)
-        cond = None if learnt else task_condition(m, images, scenes, gen)
-    if learnt:
+    learnt = m.kind in ("layout", "semantic")  # their encoders train with the UNet (cond_stage_trainable)
+    with torch.set_grad_enabled(learnt):
         cond = task_condition(m, images, scenes, gen)
     t = torch.randint(0, m.alphas_cumprod.shape[0], (len(images),), generator=gen)  # (B,) uniform
     noise = torch.randn(z0.shape, generator=gen)
