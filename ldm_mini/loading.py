@@ -78,6 +78,8 @@ EMBEDDED = {  # shipped inside the package, trained by train.py: name -> file
     "shapes-vq": WEIGHTS_DIR / "shapes-vq.safetensors",  # the VQ-f4 autoencoder alone (kind "autoencoder")
     "shapes-uncond": WEIGHTS_DIR / "shapes-uncond.safetensors",  # unconditional, on shapes-vq
     "shapes-superres": WEIGHTS_DIR / "shapes-superres.safetensors",  # 4x super-resolution, on shapes-vq
+    "shapes-inpaint": WEIGHTS_DIR / "shapes-inpaint.safetensors",  # inpainting, on shapes-vq
+    "shapes-semantic": WEIGHTS_DIR / "shapes-semantic.safetensors",  # segmentation map -> image, on shapes-vq
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 AUTOENCODER_KIND = "autoencoder"  # a file holding a first stage alone (not one of model.KINDS)

@@ -61,7 +61,7 @@ from tokenizers.trainers import WordPieceTrainer
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import samplers, shapes
+from . import hub, samplers, shapes
 from .autoencoder import AutoencoderConfig, AutoencoderKL, VQModel, build_autoencoder
 from .bert import LDMBert, LDMBertConfig
 from .conditioning import LayoutConfig, LayoutTokenizer, SpatialRescaler, SpatialRescalerConfig
@@ -234,7 +234,10 @@ def fingerprint(module: nn.Module) -> float:
 
 
 def load_autoencoder(out: str | os.PathLike) -> AutoencoderKL | VQModel:
-    """The stage-1 autoencoder of a run folder (its final weights), frozen."""
+    """The stage-1 autoencoder, frozen: a run folder's final weights, or else an embedded name ("shapes-vq")
+    or an autoencoder .safetensors file (ldm_mini.load_autoencoder: a stage 2 on a shipped stage 1)."""
+    if not (Path(out) / "autoencoder.pt").exists() and not Path(out).is_dir():
+        return hub.load_autoencoder(out).requires_grad_(False)
     state = Run(out, "autoencoder").load()
     ae = build_autoencoder(config_from_values(AutoencoderConfig, state["config"], f"{out}/autoencoder.pt"))
     ae.load_state_dict(state["model"], strict=True)
@@ -437,6 +440,32 @@ def build_task_model(task: str, ae, scale_factor: float, tokenizer: Tokenizer | 
     return LatentDiffusion(task, UNet(UNETS[task]), ae, SCHEDULE, scale_factor)
 
 
+def init_from(m: LatentDiffusion, weights: str | os.PathLike) -> None:
+    """Start m's UNet from another trained model's on the same autoencoder (--init): the recipe of Stable
+    Diffusion's inpainting model, a text-to-image UNet whose first conv gains zero-initialised input channels
+    for the extra condition. Here the unconditional UNet (z_t) becomes the inpainting UNet (z_t + masked
+    latent + mask): conv_in's weights for z_t are copied, the new channels start at zero, so at step 0 the
+    model is exactly the unconditional one, and training only has to learn to read the condition."""
+    source = hub.load(weights)
+    if fingerprint(source.autoencoder) != fingerprint(m.autoencoder):
+        raise ValueError(f"--init {weights}: its autoencoder is not --autoencoder's; a UNet only carries "
+                         "over to the latent space it was trained in")  # fmt: skip
+    state, own = source.unet.state_dict(), m.unet.state_dict()
+    if state.keys() != own.keys():
+        raise ValueError(f"--init {weights}: its UNet has other layers than the {m.kind} UNet (a context, "
+                         "another depth?); only the input channels may differ")  # fmt: skip
+    w, extra = state["conv_in.weight"], own["conv_in.weight"].shape[1] - state["conv_in.weight"].shape[1]
+    if extra < 0:
+        raise ValueError(f"--init {weights}: its UNet takes more input channels ({w.shape[1]}) than this one")
+    # (C0, c_in of the source, 3, 3) -> (C0, c_in + extra, 3, 3): z_t's channels come first in the concat
+    state["conv_in.weight"] = torch.cat([w, w.new_zeros(w.shape[0], extra, *w.shape[2:])], dim=1)
+    bad = [k for k, v in state.items() if v.shape != own[k].shape]
+    if bad:
+        raise ValueError(f"--init {weights}: other shapes in {bad[:3]}; only the input channels may differ")
+    m.unet.load_state_dict(state, strict=True)
+    m.scale_factor = source.scale_factor  # the latent scale the UNet learnt with
+
+
 def build_model(ae: AutoencoderKL, tokenizer: Tokenizer, scale_factor: float) -> LatentDiffusion:
     text = LDMBertConfig(vocab_size=tokenizer.vocab_size, n_embed=TEXT_WIDTH, n_layer=TEXT_LAYERS, n_heads=4,
                          head_dim=TEXT_WIDTH // 4, ffn_dim=4 * TEXT_WIDTH)  # fmt: skip
@@ -489,6 +518,8 @@ def train_diffusion(args) -> Path:
     text = args.task == "txt2img"  # captions: a tokenizer, caption dropout, guidance grids
     tokenizer = train_tokenizer(seed=args.seed) if text else None
     m = build_task_model(args.task, ae, latent_scale(ae, args.scale_images, args.seed), tokenizer)
+    if args.init and not args.resume:
+        init_from(m, args.init)
     # what trains: the UNet and the task's encoder, where it has one (LDMBert, the segmentation rescaler)
     encoders = {
         k: getattr(m, k) for k in ("text_encoder", "segmentation_encoder") if getattr(m, k) is not None
@@ -652,7 +683,10 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--restart-until", type=int, default=1200, help="VQ: last step of the restarts")
         else:
             p.add_argument("--task", choices=TASKS, default="txt2img")
-            p.add_argument("--autoencoder", help="the run folder of the stage-1 model (default: --out)")
+            p.add_argument("--autoencoder", help="the stage-1 model: a run folder, an embedded name or an "
+                           "autoencoder file (default: --out)")  # fmt: skip
+            p.add_argument("--init", help="start the UNet from this trained model (a name or a file) on the "
+                           "same autoencoder; new input channels start at zero")  # fmt: skip
             p.add_argument("--uncond-prob", type=float, default=0.1, help="caption dropout to ''")
             p.add_argument("--ema-decay", type=float, default=0.999)
             p.add_argument("--scale-images", type=int, default=512, help="images for the latent scale")
