@@ -35,6 +35,7 @@ EXPECTED = [
     "05_sampling",
     "06_verify_against_diffusers",
     "07_super_resolution_and_unconditional",
+    "08_the_papers_tasks",
     "09_train_a_tiny_ldm",
 ]
 EXERCISE_LESSONS = ["01_noise_schedule", "02_autoencoder", "03_text_encoder", "04_unet", "05_sampling",
