@@ -257,3 +257,28 @@ def test_segmentations_label_each_shape_where_it_covers_half_a_pixel():
         16,
         16,
     )
+
+
+def test_init_starts_a_task_unet_from_another_tasks_model(tmp_path):
+    """--init shapes-uncond on --autoencoder shapes-vq (both embedded): the inpainting UNet's extra input
+    channels start at zero, so before any step it predicts the unconditional model's noise whatever the
+    condition; a model on another latent space is refused."""
+    import ldm_mini
+
+    uncond, vq = ldm_mini.load("shapes-uncond"), train.load_autoencoder("shapes-vq")
+    assert train.fingerprint(vq) == train.fingerprint(uncond.autoencoder)
+    m = train.build_task_model("inpaint", vq, 1.0)
+    train.init_from(m, "shapes-uncond")
+    assert m.scale_factor == uncond.scale_factor
+    gen = torch.Generator().manual_seed(0)
+    z, cond, t = torch.randn(2, 3, 16, 16, generator=gen), torch.randn(2, 4, 16, 16, generator=gen), 500
+    with torch.no_grad():
+        # equal up to the conv's summation order over 7 input channels instead of 3 (zeros add nothing)
+        torch.testing.assert_close(m.predict_noise(z, t, cond), uncond.predict_noise(z, t), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="its autoencoder is not --autoencoder's"):
+        train.init_from(m, "shapes")  # the text model: KL-f4, another latent space
+    state = run_stage(tmp_path / "run", "diffusion", "--task", "inpaint", "--autoencoder", "shapes-vq",
+                      "--init", "shapes-uncond", "--steps", "2")  # fmt: skip
+    assert state["scale_factor"] == uncond.scale_factor and state["autoencoder"] == train.fingerprint(vq)
+    first = state["model"]["unet.conv_in.weight"]  # (C0, 3 + 3 + 1, 3, 3) after 2 small steps
+    assert (first[:, :3] - uncond.unet.conv_in.weight).abs().max() < 0.05 and first[:, 3:].abs().max() < 0.05
