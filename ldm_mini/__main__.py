@@ -126,7 +126,7 @@ def pick_device(name: str, parser: argparse.ArgumentParser) -> torch.device:
     return torch.device(name)
 
 
-# --- several processes: torchrun ------------------------------------------------------------------------
+# --- several processes: torchrun --------------------------------------------------------------------
 # torchrun (python -m torch.distributed.run) starts the processes and tells each its place in RANK (0 ..
 # WORLD_SIZE - 1 over all nodes), WORLD_SIZE and LOCAL_RANK (its number on its node: its GPU). A plain
 # `python` run has none of them: rank 0 of 1, and no process group.
@@ -636,9 +636,8 @@ def add_sampling_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--sigmas", choices=samplers.SIGMA_SCHEDULES, help="the sigma schedule of a sigma-space "
                    "sampler (lms ... unipc): Karras et al.'s (rho = 7) or exponential (default: the "
                    "model's)")  # fmt: skip
-    p.add_argument(
-        "--seed", type=int, help="seed of the first image; image i uses seed + i (default: random)"
-    )
+    p.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default: "
+                   "random; 0 in a batch job, so that the same command resumes it)")  # fmt: skip
     p.add_argument("-n", "--num-images", type=int, default=1, help="how many images (default 1)")
     p.add_argument("--batch-size", type=int, default=1, help="images per pipeline call (default 1). Faster "
                    "on a GPU; an image may then differ from its batch-of-one image by a level in a few "
