@@ -21,26 +21,29 @@ sampler (and --sigmas when given), guidance, eta and weights. `--sampler dpmpp_2
 DPM-Solver++(2M) on Karras et al.'s sigma schedule (every name of samplers.SAMPLERS is a --sampler).
 
 Many images: a batch job. `torchrun --nproc_per_node=N -m ldm_mini txt2img PROMPT -n 1000 --out DIR/` (any
-sampling command) runs N processes, one per GPU with --device cuda (cuda:LOCAL_RANK), gloo on CPUs.
-    seeds     The seeds seed .. seed+n-1 (--seed defaults to 0 in a batch job, so the same command resumes
-              it) go in batches of --batch-size consecutive seeds; batch k goes to rank k % WORLD_SIZE (round
-              robin). Every image is the one a single process makes for its seed, byte for byte, whatever the
-              number of processes. --batch-size B > 1 runs B seeds in one pipeline call (image i from
-              generator i, so the same noise), but batched kernels round differently: an image may differ from
-              --batch-size 1's by one level in a few pixels. Batches are fixed by the seeds, so for one B the
-              images are the same on any number of processes; the PNG then records its batch.
-    rerun     Images already in DIR are kept and skipped (--skip-existing, implied by torchrun; --force
-              remakes them), so a rerun of a killed job makes only the missing ones. Files are written
-              atomically (a temporary file, then a rename): a killed process leaves no half file, and loses
-              only its unfinished batch. A kept file must hold this job's settings, else the job refuses.
-    manifest  Rank 0 gathers every rank's list and writes DIR/manifest.jsonl, one JSON line per image in
-              seed order: {"file", "seed", "prompt", "settings", "sha256"} (sha256 of the PNG); lines for
-              other jobs' images still in DIR are kept. It prints one summary line.
+sampling command) runs N processes: with --device cuda (or auto on a GPU machine) each on cuda:LOCAL_RANK,
+joined by NCCL, else by gloo. --skip-existing makes a one-process run such a job too.
+    seeds     seed .. seed+n-1 (--seed defaults to 0 in a job, so that the same command resumes it) go in
+              batches of --batch-size consecutive seeds of one prompt; batch k runs on rank k % WORLD_SIZE
+              (round robin). An image depends on its seed, not on its rank: the same bytes as a single
+              process's, on any number of processes (same device kind, dtype and, on a CPU, thread count).
+              --batch-size B > 1 runs B seeds in one pipeline call (image i drawn from generator i, the same
+              noise), but batched kernels round differently: an image may differ from its batch-of-one image
+              by one level in a few pixels. Batches are fixed by the seeds, so for one B the images are the
+              same on any number of processes; such a PNG records its batch ("batch": "seeds 8-11").
+    rerun     DIR must be a folder. Images already there are kept (a temporary file renamed in place is the
+              only way a PNG gets there, so each is whole), the missing ones made; a batch with one image
+              missing is made whole, the others of it not rewritten. A kept file must hold this job's seed,
+              input and settings, else the job refuses to start (exit 2); --force remakes every image. A
+              killed process (torchrun then stops the others) loses only the batch it was making.
+    manifest  After every rank has written its images (a gather), rank 0 reads them back and writes
+              DIR/manifest.jsonl, one JSON line per image in the job's order: {"file", "seed", "prompt",
+              "settings" (the PNG's other text chunks), "sha256" (of the PNG)}; lines of other jobs' images
+              still in DIR are kept, before. One job per folder at a time. Rank 0 prints one summary line.
 --prompts FILE (txt2img): one prompt a line (blank lines and # comments skipped; a repeated prompt is made
 once); every prompt with every seed, in the file's order, as SLUG-HASH-SEED.png (HASH: 8 hex digits of the
-prompt's sha256, so names stay unique and survive edits of the file). --skip-existing makes a plain run
-such a job too. A plain run without either behaves as before: no manifest, taken names refused (numbered on
-under the default outputs/).
+prompt's sha256, so names stay unique and survive edits of the file). A plain run (no torchrun, no
+--skip-existing) behaves as before: no manifest; a taken name refused (numbered on in outputs/).
 
 Exit codes: 0 done; 1 a failure while running (verify: a stage failed); 2 a bad argument (argparse's).
 """
@@ -102,6 +105,15 @@ EXAMPLES = {
     "verify": "ldm-mini verify text2im.safetensors --steps 5\n"
     "  ldm-mini verify text2im.safetensors --reference ./ldm-text2im-large-256  (checks the conversion too)",
 }
+
+BATCH_JOBS = f"""
+
+many images, a batch job: under torchrun (one process per GPU), or with --skip-existing
+  torchrun --nproc_per_node=N -m ldm_mini COMMAND ... -n 1000 --out DIR/
+  Batches of --batch-size consecutive seeds go round robin over the processes; each image is the one a
+  single process makes for its seed, byte for byte. Images already in DIR are kept: the same command again
+  makes only the missing ones (--force: all). Rank 0 writes DIR/{MANIFEST}, one JSON line per image
+  (file, seed, prompt, settings, sha256). --seed defaults to 0."""
 
 
 # --- where the weights come from --------------------------------------------------------------------
@@ -672,7 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=text, description=text, epilog=f"example:\n  {EXAMPLES[name]}",
+        jobs = BATCH_JOBS.replace("COMMAND", name) if name in KINDS else ""  # the sampling commands
+        epilog = f"example:\n  {EXAMPLES[name]}{jobs}"
+        p = sub.add_parser(name, help=text, description=text, epilog=epilog,
                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
         p.set_defaults(parser=p)  # errors name the command: "ldm-mini txt2img: error: ..."
         return p
