@@ -24,8 +24,9 @@ Many images: a batch job. `torchrun --nproc_per_node=N -m ldm_mini txt2img PROMP
 sampling command) runs N processes: with --device cuda (or auto on a GPU machine) each on cuda:LOCAL_RANK,
 joined by NCCL, else by gloo. --skip-existing makes a one-process run such a job too.
     seeds     seed .. seed+n-1 (--seed defaults to 0 in a job, so that the same command resumes it) go in
-              batches of --batch-size consecutive seeds of one prompt; batch k runs on rank k % WORLD_SIZE
-              (round robin). An image depends on its seed, not on its rank: the same bytes as a single
+              batches of --batch-size consecutive seeds of one prompt. The batches left to make (in a new
+              job all) are dealt round robin, the k-th to rank k % WORLD_SIZE, so a rerun spreads what is
+              left evenly. An image depends on its seed, not on its rank: the same bytes as a single
               process's, on any number of processes (same device kind, dtype and, on a CPU, thread count).
               --batch-size B > 1 runs B seeds in one pipeline call (image i drawn from generator i, the same
               noise), but batched kernels round differently: an image may differ from its batch-of-one image
@@ -60,6 +61,7 @@ import secrets
 import sys
 import tempfile
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
 
@@ -166,7 +168,13 @@ def init_group(device: torch.device) -> None:
     if launched() and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL's object collectives run on the current device
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # a process with nothing left to make waits at the gather for the others' last batch: allow an hour
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1))
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def gather(obj) -> list | None:
@@ -528,11 +536,14 @@ def run_sampling(args, parser) -> int:
     path, call, items = prepare(args, parser)
     rank, world = rank_and_world()
     device = device_for_rank(pick_device(args.device, parser), parser)
-    mine = batches(items, args.batch_size)[rank::world]  # round robin: batch k on rank k % world
     if launched():
         call["progress"] = rank == 0  # one tqdm bar over the steps, not one per process
     init_group(device)
     try:
+        keep = is_job(args) and not args.force
+        todo = [b for b in batches(items, args.batch_size) if not (keep and all(i.path.exists() for i in b))]
+        barrier()  # every process lists what is left before any of them writes: they agree on the split
+        mine = todo[rank::world]  # round robin: the k-th batch left to make on rank k % world
         written = gather(sample_batches(args, parser, path, device, call, len(items), mine))
     finally:
         if dist.is_initialized():
