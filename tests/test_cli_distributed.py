@@ -98,6 +98,7 @@ def test_a_rerun_makes_only_the_missing_image(single, job, tmp_path):
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png") if p != lost}
     assert after == before  # the others were kept as they were
     assert proc.stdout.count("wrote ") == 1 and f"wrote {lost} " in proc.stdout
+    assert "[rank 0] image 3/5, seed 5" in proc.stderr  # what is left is dealt anew: its one batch to rank 0
     assert "1 written by 2 processes, 4 already there" in summary(proc.stdout)[0]
     lines = [json.loads(line) for line in (out / MANIFEST).read_text().splitlines()]
     assert len(lines) == 5 and all(line["sha256"] == hashlib.sha256(single[line["file"]]).hexdigest()
@@ -126,6 +127,25 @@ def test_torchrun_sample_with_batch_size_gives_the_single_process_images(tmp_pat
     assert [(line["seed"], line["prompt"], line["settings"]["model"]) for line in lines] == [
         (seed, None, "unconditional") for seed in (0, 1, 2)
     ]
+
+
+def test_a_rerun_makes_a_batch_whole_and_the_manifest_keeps_other_jobs(tmp_path, capsys):
+    """With --batch-size 2 an image depends on its batch, so a batch with one image missing is made whole (the
+    other one is not rewritten): the image made again has the same bytes. Another job into the same folder
+    adds its lines to the manifest."""
+    argv = [*SAMPLE, "--batch-size", "2", "--skip-existing", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    before, kept = pngs(tmp_path), (tmp_path / "sample-0.png").stat().st_mtime_ns
+    (tmp_path / "sample-1.png").unlink()  # of the batch [0, 1]; alone it would differ (here, measured)
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert pngs(tmp_path) == before and (tmp_path / "sample-0.png").stat().st_mtime_ns == kept
+    assert "3 images in" in (out := capsys.readouterr().out) and "1 written, 2 already there" in out
+    other = ["txt2img", PROMPT, "--steps", "2", "--device", "cpu", "--skip-existing", "--out", str(tmp_path)]
+    assert main(other) == 0
+    lines = [json.loads(line) for line in (tmp_path / MANIFEST).read_text().splitlines()]
+    files = ["sample-0.png", "sample-1.png", "sample-2.png", "a-red-circle-above-a-blue-square-0.png"]
+    assert [line["file"] for line in lines] == files
 
 
 def test_prompts_file_makes_each_prompt_with_each_seed(tmp_path, capsys):
