@@ -245,7 +245,8 @@ def check_kept(paths: list[Path], texts: list[dict], parser) -> None:
         if not path.exists():
             continue
         try:
-            have = Image.open(path).text
+            with Image.open(path) as png:
+                have = png.text
         except (OSError, ValueError) as e:
             parser.error(f"cannot read {path} to keep it: {e}; delete it, or pass --force to remake it")
         if bad := [k for k in want if have.get(k) != str(want[k])]:
@@ -564,7 +565,8 @@ def write_manifest(folder: Path, items: list[Item]) -> Path:
 
     lines = []
     for item in items:
-        text = Image.open(item.path).text
+        with Image.open(item.path) as png:
+            text = png.text
         settings = {k: v for k, v in text.items() if k not in ("prompt", "seed", "software")}
         lines.append(dict(file=item.path.name, seed=item.seed, prompt=text.get("prompt"), settings=settings,
                           sha256=hashlib.sha256(item.path.read_bytes()).hexdigest()))  # fmt: skip
