@@ -165,6 +165,11 @@ def test_prompts_file_makes_each_prompt_with_each_seed(tmp_path, capsys):
             assert many[f"{stem}-{tag}-{seed}"] == data
     lines = [json.loads(line) for line in (tmp_path / "many" / MANIFEST).read_text().splitlines()]
     assert [(line["prompt"], line["seed"]) for line in lines] == [(p, s) for p in prompts for s in (1, 2)]
+    for bad, message in ((argv[:1], "give a prompt, or --prompts FILE"), ([*argv, "x"], "not both"),
+                         ([*argv, "--out", str(tmp_path / "a.png")], "give --out a folder")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            main(bad)
+        assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_batch_job_rules(tmp_path, capsys):
