@@ -20,12 +20,39 @@ weight is read). --steps is the pipelines' num_inference_steps, --guidance their
 sampler (and --sigmas when given), guidance, eta and weights. `--sampler dpmpp_2m --sigmas karras` runs
 DPM-Solver++(2M) on Karras et al.'s sigma schedule (every name of samplers.SAMPLERS is a --sampler).
 
+Many images: a batch job. `torchrun --nproc_per_node=N -m ldm_mini txt2img PROMPT -n 1000 --out DIR/` (any
+sampling command) runs N processes: with --device cuda (or auto on a GPU machine) each on cuda:LOCAL_RANK,
+joined by NCCL, else by gloo. --skip-existing makes a one-process run such a job too.
+    seeds     seed .. seed+n-1 (--seed defaults to 0 in a job, so that the same command resumes it) go in
+              batches of --batch-size consecutive seeds of one prompt. The batches left to make (in a new
+              job all) are dealt round robin, the k-th to rank k % WORLD_SIZE, so a rerun spreads what is
+              left evenly. An image depends on its seed, not on its rank: the same bytes as a single
+              process's, on any number of processes (same device kind, dtype and, on a CPU, thread count).
+              --batch-size B > 1 runs B seeds in one pipeline call (image i drawn from generator i, the same
+              noise), but batched kernels round differently: an image may differ from its batch-of-one image
+              by one level in a few pixels. Batches are fixed by the seeds, so for one B the images are the
+              same on any number of processes; such a PNG records its batch ("batch": "seeds 8-11").
+    rerun     DIR must be a folder. Images already there are kept (a temporary file renamed in place is the
+              only way a PNG gets there, so each is whole), the missing ones made; a batch with one image
+              missing is made whole, the others of it not rewritten. A kept file must hold this job's seed,
+              input and settings, else the job refuses to start (exit 2); --force remakes every image. A
+              killed process (torchrun then stops the others) loses only the batch it was making.
+    manifest  After every rank has written its images (a gather), rank 0 reads them back and writes
+              DIR/manifest.jsonl, one JSON line per image in the job's order: {"file", "seed", "prompt",
+              "settings" (the PNG's other text chunks), "sha256" (of the PNG)}; lines of other jobs' images
+              still in DIR are kept, before. One job per folder at a time. Rank 0 prints one summary line.
+--prompts FILE (txt2img): one prompt a line (blank lines and # comments skipped; a repeated prompt is made
+once); every prompt with every seed, in the file's order, as SLUG-HASH-SEED.png (HASH: 8 hex digits of the
+prompt's sha256, so names stay unique and survive edits of the file). A plain run (no torchrun, no
+--skip-existing) behaves as before: no manifest; a taken name refused (numbered on in outputs/).
+
 Exit codes: 0 done; 1 a failure while running (verify: a stage failed); 2 a bad argument (argparse's).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -34,10 +61,13 @@ import secrets
 import sys
 import tempfile
 import warnings
+from datetime import timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from . import pipeline, samplers
 from .hub import DownloadError, is_hub_id, load, resolve
@@ -45,6 +75,7 @@ from .loading import DTYPES, EMBEDDED, build_empty, read_metadata, recommended_o
 from .verify import DEFAULT_PROMPT
 
 DEFAULT_OUT = "outputs"
+MANIFEST = "manifest.jsonl"  # a batch job's list of images, in its --out folder
 MAX_IMAGES = 100_000  # -n: more is surely a typo (and the list of output names alone would fill memory)
 KINDS = {
     "txt2img": "txt2img",
@@ -64,7 +95,8 @@ SIZED = ("txt2img", "sample", "class", "layout")  # with --height/--width (the o
 FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "eta": "--eta",
          "sampler": "--sampler", "sigmas": "--sigmas", "height": "--height", "width": "--width"}  # fmt: skip
 EXAMPLES = {
-    "txt2img": 'ldm-mini txt2img "a red circle above a blue square" -n 2 --steps 20 --guidance 4 --seed 0',
+    "txt2img": 'ldm-mini txt2img "a red circle above a blue square" -n 2 --steps 20 --guidance 4 --seed 0\n'
+    "  torchrun --nproc_per_node=4 -m ldm_mini txt2img --prompts prompts.txt -n 1000 --out many/",
     "sample": "ldm-mini sample --weights CompVis/ldm-celebahq-256 --steps 200 -n 4",
     "upscale": "ldm-mini upscale small.png --weights CompVis/ldm-super-resolution-4x-openimages --eta 1",
     "class": "ldm-mini class 207 --weights cin256-v2.safetensors -n 4   (207: golden retriever)",
@@ -75,6 +107,15 @@ EXAMPLES = {
     "verify": "ldm-mini verify text2im.safetensors --steps 5\n"
     "  ldm-mini verify text2im.safetensors --reference ./ldm-text2im-large-256  (checks the conversion too)",
 }
+
+BATCH_JOBS = f"""
+
+many images, a batch job: under torchrun (one process per GPU), or with --skip-existing
+  torchrun --nproc_per_node=N -m ldm_mini COMMAND ... -n 1000 --out DIR/
+  Batches of --batch-size consecutive seeds go round robin over the processes; each image is the one a
+  single process makes for its seed, byte for byte. Images already in DIR are kept: the same command again
+  makes only the missing ones (--force: all). Rank 0 writes DIR/{MANIFEST}, one JSON line per image
+  (file, seed, prompt, settings, sha256). --seed defaults to 0."""
 
 
 # --- where the weights come from --------------------------------------------------------------------
@@ -99,6 +140,52 @@ def pick_device(name: str, parser: argparse.ArgumentParser) -> torch.device:
     return torch.device(name)
 
 
+# --- several processes: torchrun --------------------------------------------------------------------
+# torchrun (python -m torch.distributed.run) starts the processes and tells each its place in RANK (0 ..
+# WORLD_SIZE - 1 over all nodes), WORLD_SIZE and LOCAL_RANK (its number on its node: its GPU). A plain
+# `python` run has none of them: rank 0 of 1, and no process group.
+def launched() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ  # torchrun sets both, even for 1 process
+
+
+def rank_and_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def device_for_rank(device: torch.device, parser) -> torch.device:
+    """cuda -> cuda:LOCAL_RANK under torchrun, one GPU per process; other devices as they are."""
+    if device.type != "cuda" or not launched():
+        return device
+    local, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if local >= count:
+        parser.error(f"LOCAL_RANK {local}, but this node has {count} GPU(s): start at most that many "
+                     "processes per node (torchrun --nproc_per_node)")  # fmt: skip
+    return torch.device("cuda", local)
+
+
+def init_group(device: torch.device) -> None:
+    """Join torchrun's process group (its rendezvous address is in MASTER_ADDR and MASTER_PORT)."""
+    if launched() and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL's object collectives run on the current device
+        # a process with nothing left to make waits at the gather for the others' last batch: allow an hour
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1))
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gather(obj) -> list | None:
+    """Every rank's obj in rank order on rank 0, None on the others; [obj] without a process group."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 # --- output files ----------------------------------------------------------------------------------
 def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "image"
@@ -114,9 +201,10 @@ def next_free(path: Path) -> Path:
     return free
 
 
-def output_paths(out: str | None, stem: str, seeds: list[int], force: bool, parser) -> list[Path]:
+def output_paths(out: str | None, stem: str, seeds: list[int], force: bool, parser, job=False) -> list[Path]:
     """--out: a .png file (with -n N: name-0.png ... name-{N-1}.png) or a folder (stem-SEED.png in it).
-    No --out: outputs/stem-SEED.png, numbered on (stem-SEED-1.png, ...) rather than refused when taken."""
+    No --out: outputs/stem-SEED.png, numbered on (stem-SEED-1.png, ...) rather than refused when taken.
+    A batch job (job=True, --out a folder): taken names are neither refused nor numbered on but kept."""
     if out is None:
         paths = [next_free(Path(DEFAULT_OUT) / f"{stem}-{s}.png") for s in seeds]
         check_writable(paths, out, parser)
@@ -129,7 +217,7 @@ def output_paths(out: str | None, stem: str, seeds: list[int], force: bool, pars
         parser.error(f"--out {out}: give a folder or a .png file (PNG keeps the settings in a text chunk)")
     else:
         paths = [target / f"{stem}-{s}.png" for s in seeds]
-    if not force and (taken := [str(p) for p in paths if p.exists()]):
+    if not force and not job and (taken := [str(p) for p in paths if p.exists()]):
         verb = "exists" if len(taken) == 1 else "exist"
         parser.error(f"{', '.join(taken)} already {verb}: pass --force to overwrite, or choose another --out")
     check_writable(paths, out, parser)
@@ -148,6 +236,25 @@ def check_writable(paths: list[Path], out: str | None, parser) -> None:
                          "choose another --out")  # fmt: skip
 
 
+def check_kept(paths: list[Path], texts: list[dict], parser) -> None:
+    """A batch job keeps the files already there, so each must be this job's image: the same seed, input
+    and settings in its text chunks (else exit 2: another job's folder, or changed flags)."""
+    from PIL import Image
+
+    for path, want in zip(paths, texts, strict=True):
+        if not path.exists():
+            continue
+        try:
+            with Image.open(path) as png:
+                have = png.text
+        except (OSError, ValueError) as e:
+            parser.error(f"cannot read {path} to keep it: {e}; delete it, or pass --force to remake it")
+        if bad := [k for k in want if have.get(k) != str(want[k])]:
+            k = bad[0]
+            parser.error(f"{path} was made with other settings ({k} {have.get(k)}, not {want[k]}): choose "
+                         "another --out, or pass --force to remake it")  # fmt: skip
+
+
 def save_png(image, path: Path, fields: dict, force: bool) -> None:
     """Write the PNG with one text chunk per setting (read back with PIL: Image.open(path).text), atomically
     and, without --force, never over a file (not even one another run wrote meanwhile)."""
@@ -160,14 +267,42 @@ def save_png(image, path: Path, fields: dict, force: bool) -> None:
 
 
 # --- txt2img, sample, upscale -----------------------------------------------------------------------
-def prepare(args, parser) -> tuple[Path, tuple, dict, dict, list[Path], list[int]]:
-    """Every check before any weight is read.
+class Item(NamedTuple):
+    """One image of a run."""
 
-    -> (file, the pipeline's positional arguments after the model (a prompt, a batch size of 1, an image and
-    a mask, ...), its other arguments, the PNG text fields, the output paths, the seeds)."""
+    index: int  # its place in the run: prompt after prompt (--prompts), seed after seed
+    group: int  # which input (the prompt's number): a batch holds images of one input
+    seed: int
+    first: tuple  # the pipeline's positional arguments for one image (a prompt, a batch size of 1, ...)
+    fields: dict  # its PNG text fields, but the seed
+    path: Path
+
+
+def is_job(args) -> bool:
+    """A batch job (torchrun, or --skip-existing): --out is a folder, kept files are skipped, a manifest."""
+    return launched() or args.skip_existing
+
+
+def prepare(args, parser) -> tuple[Path, dict, list[Item]]:
+    """Every check before any weight is read. -> (file, the pipeline's keyword arguments, the images)."""
     kind = KINDS[args.command]
     if not 1 <= args.num_images <= MAX_IMAGES:
         parser.error(f"-n/--num-images must be >= 1 and at most {MAX_IMAGES:,}, got {args.num_images}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    job = is_job(args)
+    if args.skip_existing and args.force:
+        parser.error("--skip-existing keeps the files already there, --force remakes them: choose one")
+    out_file = args.out is not None and Path(args.out).suffix.lower() == ".png"
+    if job and (args.out is None or out_file):
+        how = "torchrun" if launched() else "--skip-existing"
+        parser.error(f"a batch job ({how}) needs --out DIR/, a folder: it writes NAME-SEED.png there and "
+                     "skips the images already written")  # fmt: skip
+    prompts = read_prompts(args, parser) if args.command == "txt2img" else [None]
+    if args.prompts is not None and out_file:
+        parser.error("--prompts writes one file per prompt and seed: give --out a folder")
+    if len(prompts) * args.num_images > MAX_IMAGES:
+        parser.error(f"{len(prompts)} prompts x {args.num_images} seeds is over {MAX_IMAGES:,} images")
     if args.seed is not None and not 0 <= args.seed <= 2**64 - args.num_images:
         parser.error(
             f"--seed must be from 0 to 2**64 - 1 - (n - 1) = {2**64 - args.num_images}, got {args.seed}"
@@ -197,25 +332,52 @@ def prepare(args, parser) -> tuple[Path, tuple, dict, dict, list[Path], list[int
         fields["sigmas"] = args.sigmas
     if args.command in GUIDED:
         fields["guidance"] = s["guidance_scale"]
-    try:  # the pipeline's inputs, checked by the same code as a Python call's, on the meta-device model
-        first, stem = inputs(args, path, m, s, fields, parser)
-    except ValueError as e:
-        parser.error(str(e))
-
-    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    # a batch job's default seed is fixed, so that the same command twice resumes it rather than starting anew
+    seed = args.seed if args.seed is not None else 0 if job else secrets.randbelow(2**31)
     seeds = [seed + i for i in range(args.num_images)]
-    return path, first, call, fields, output_paths(args.out, stem, seeds, args.force, parser), seeds
+    items = []
+    for group, prompt in enumerate(prompts):
+        own = dict(fields)
+        try:  # the pipeline's inputs, checked by the same code as a Python call's, on the meta-device model
+            first, stem = inputs(args, path, m, s, own, parser, prompt)
+        except ValueError as e:
+            parser.error(str(e))
+        if args.prompts is not None:  # two prompts may slug alike; the hash keeps their names apart
+            stem = f"{stem}-{hashlib.sha256(prompt.encode()).hexdigest()[:8]}"
+        paths = output_paths(args.out, stem, seeds, args.force, parser, job)
+        items += [Item(len(items) + i, group, seed, first, own, out) for i, (seed, out) in
+                  enumerate(zip(seeds, paths, strict=True))]  # fmt: skip
+    if job and not args.force:
+        check_kept([i.path for i in items], [{**i.fields, "seed": i.seed} for i in items], parser)
+    return path, call, items
 
 
-def inputs(args, path: Path, m, s: dict, fields: dict, parser) -> tuple[tuple, str]:
+def read_prompts(args, parser) -> list[str]:
+    """The prompt, or --prompts FILE's: one a line, blank lines and # comments skipped, repeats made once."""
+    if (args.prompt is None) == (args.prompts is None):
+        parser.error("give a prompt or --prompts FILE (one prompt a line), not both" if args.prompt else
+                     "give a prompt, or --prompts FILE (one prompt a line)")  # fmt: skip
+    if args.prompts is None:
+        return [args.prompt]
+    try:
+        lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        parser.error(f"cannot read the prompts {args.prompts}: {e}")
+    prompts = list(dict.fromkeys(t.strip() for t in lines if t.strip() and not t.lstrip().startswith("#")))
+    if not prompts:
+        parser.error(f"{args.prompts} holds no prompt (one a line; blank lines and # comments are skipped)")
+    return prompts
+
+
+def inputs(args, path: Path, m, s: dict, fields: dict, parser, prompt=None) -> tuple[tuple, str]:
     """The pipeline's positional arguments for one image, read from the command line's files and checked
     against the model (on the meta device: nothing is computed), and the output files' stem. Records the
-    inputs in the PNG's text fields."""
+    inputs in the PNG's text fields. txt2img: for `prompt`."""
     if args.command == "txt2img":
         if m.tokenizer is None:
             parser.error(f"{path.name} has no tokenizer (it takes token ids): use the Python API")
-        fields["prompt"] = args.prompt
-        return (args.prompt,), slug(args.prompt)
+        fields["prompt"] = prompt
+        return (prompt,), slug(prompt)
     if args.command == "sample":
         return (1,), "sample"  # batch size 1: one pipeline call per seed
     if args.command == "upscale":
@@ -275,40 +437,153 @@ def read_layout(path: str, parser) -> list:
     return [(o[0], tuple(o[1]) if isinstance(o[1], list) else o[1], *o[2:]) for o in layout]
 
 
+def batches(items: list[Item], size: int) -> list[list[Item]]:
+    """Consecutive images of one input, at most `size` in each. Fixed by the seeds alone, so an image's batch
+    (and with it its pixels, when size > 1) is the same on any number of processes."""
+    out: list[list[Item]] = []
+    for item in items:
+        if out and len(out[-1]) < size and out[-1][0].group == item.group:
+            out[-1].append(item)
+        else:
+            out.append([item])
+    return out
+
+
+def batched(m, command: str, first: tuple, b: int) -> tuple:
+    """One image's positional arguments -> those of b images of that input: b prompts, labels or layouts, or a
+    batch of b low-res images, images and masks, label maps (converted by the pipelines' own functions)."""
+    if command == "sample":
+        return (b,)
+    if command == "upscale":
+        low = pipeline.low_res_image(first[0], unit=2 ** (len(m.unet.config.channel_mult) - 1))
+        return (low.repeat(b, 1, 1, 1),)  # (1, 3, h, w) -> (b, 3, h, w)
+    if command == "inpaint":
+        return tuple(x.repeat(b, 1, 1, 1) for x in pipeline.inpaint_inputs(m, *first))  # (b, 3 | 1, H, W)
+    if command == "semantic":
+        return (first[0].repeat(b, 1, 1),)  # (1, H, W) -> (b, H, W)
+    if command == "class":
+        return (first[0] * b,)  # [label] -> b labels
+    return ([first[0]] * b,)  # txt2img: b prompts; layout: b layouts
+
+
+def make_images(m, command: str, batch: list[Item], call: dict, parser) -> list:
+    """One batch's PIL images. Each seed seeds its own generator, on the CPU (the same noise on every
+    device); a list of generators draws image i from generator i alone, as a batch of one would."""
+    generators = [torch.Generator().manual_seed(item.seed) for item in batch]
+    seeds = f"seed {batch[0].seed}" if len(batch) == 1 else f"seeds {batch[0].seed}-{batch[-1].seed}"
+    try:  # the pipelines check their arguments before computing anything
+        if len(batch) == 1:  # exactly the call of a batch of one
+            return PIPELINES[command](m, *batch[0].first, generator=generators[0], **call)  # tqdm bar
+        first = batched(m, command, batch[0].first, len(batch))
+        return PIPELINES[command](m, *first, generator=generators, **call)
+    except ValueError as e:
+        parser.error(str(e))
+    except (MemoryError, RuntimeError) as e:  # out of memory, or a non-finite image the pipeline refused
+        reason = (str(e).splitlines() or ["out of memory"])[0][:200]
+        hint = "; choose a smaller image, --dtype bfloat16, or a GPU" if "memory" in reason.lower() else ""
+        hint += "; or a smaller --batch-size" if hint and len(batch) > 1 else ""
+        raise SystemExit(f"error: {reason}{hint} (nothing was written for {seeds})") from e
+
+
+def write(image, item: Item, text: dict, args) -> Path | None:
+    """Save one PNG -> its path, or None where a batch job finds that another process wrote it meanwhile."""
+    out = item.path
+    try:
+        while True:
+            try:
+                save_png(image, out, text, args.force)
+                return out
+            except FileExistsError:
+                if is_job(args):
+                    return None  # kept, as any file already there
+                if args.out is not None:
+                    raise
+                out = next_free(out)  # another run took the name meanwhile: the next number
+    except OSError as e:  # a full disk, a size limit, or the name taken meanwhile: nothing half-written
+        raise SystemExit(f"error: could not write {out}: {e.strerror or e}") from e
+
+
+def sample_batches(args, parser, path: Path, device, call: dict, total: int, mine: list) -> list[int]:
+    """Make this process's batches, write their PNGs -> the indices of the images written (not kept)."""
+    skip, where = is_job(args) and not args.force, f"[rank {rank_and_world()[0]}] " if launched() else ""
+    m, written = None, []
+    for batch in mine:
+        wanted = [not (skip and item.path.exists()) for item in batch]  # written before: kept
+        if not any(wanted):
+            continue
+        if m is None:  # not before there is work: a finished job's rerun reads no weights
+            m = load(path, device=device, dtype=args.dtype, fast=False if args.no_fast else None)
+        first, last = batch[0], batch[-1]
+        if total > 1 and len(batch) == 1:
+            print(f"{where}image {first.index + 1}/{total}, seed {first.seed}", file=sys.stderr)
+        elif total > 1:
+            print(f"{where}images {first.index + 1}-{last.index + 1}/{total}, seeds {first.seed}-{last.seed}",
+                  file=sys.stderr)  # fmt: skip
+        images = make_images(m, args.command, batch, call, parser)
+        for item, image, want in zip(batch, images, wanted, strict=True):
+            if not want:  # a batch is made whole, or an image's batch would change (and its pixels with it)
+                continue
+            size = f"{image.size[0]}x{image.size[1]}"
+            text = {**item.fields, "seed": item.seed, "size": size, "software": "ldm_mini"}
+            if len(batch) > 1:  # its pixels depend on the batch it was made in: remade with the same
+                text["batch"] = f"seeds {first.seed}-{last.seed}"
+            if (out := write(image, item, text, args)) is not None:
+                print(f"wrote {out} ({size}, seed {item.seed})")
+                written.append(item.index)
+    return written
+
+
 def run_sampling(args, parser) -> int:
-    path, first, call, fields, outputs, seeds = prepare(args, parser)
-    device = pick_device(args.device, parser)
-    m = load(path, device=device, dtype=args.dtype, fast=False if args.no_fast else None)
-    fn = PIPELINES[args.command]
-    for i, (seed, out) in enumerate(zip(seeds, outputs, strict=True)):
-        if len(seeds) > 1:
-            print(f"image {i + 1}/{len(seeds)}, seed {seed}", file=sys.stderr)
-        generator = torch.Generator().manual_seed(seed)  # on the CPU: the same image on every device
-        try:  # the pipelines check their arguments before computing anything
-            image = fn(m, *first, generator=generator, **call)[0]  # tqdm bar over the steps
-        except ValueError as e:
-            parser.error(str(e))
-        except (MemoryError, RuntimeError) as e:  # out of memory, or a non-finite image the pipeline refused
-            reason = (str(e).splitlines() or ["out of memory"])[0][:200]
-            hint = (
-                "; choose a smaller image, --dtype bfloat16, or a GPU" if "memory" in reason.lower() else ""
-            )
-            raise SystemExit(f"error: {reason}{hint} (nothing was written for seed {seed})") from e
-        size = f"{image.size[0]}x{image.size[1]}"
-        text = {**fields, "seed": seed, "size": size, "software": "ldm_mini"}
-        try:
-            while True:
-                try:
-                    save_png(image, out, text, args.force)
-                    break
-                except FileExistsError:
-                    if args.out is not None:
-                        raise
-                    out = next_free(out)  # another run took the name meanwhile: the next number
-        except OSError as e:  # a full disk, a size limit, or the name taken meanwhile: nothing half-written
-            raise SystemExit(f"error: could not write {out}: {e.strerror or e}") from e
-        print(f"wrote {out} ({size}, seed {seed})")
+    path, call, items = prepare(args, parser)
+    rank, world = rank_and_world()
+    device = device_for_rank(pick_device(args.device, parser), parser)
+    if launched():
+        call["progress"] = rank == 0  # one tqdm bar over the steps, not one per process
+    init_group(device)
+    try:
+        keep = is_job(args) and not args.force
+        todo = [b for b in batches(items, args.batch_size) if not (keep and all(i.path.exists() for i in b))]
+        barrier()  # every process lists what is left before any of them writes: they agree on the split
+        mine = todo[rank::world]  # round robin: the k-th batch left to make on rank k % world
+        written = gather(sample_batches(args, parser, path, device, call, len(items), mine))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if is_job(args) and rank == 0:  # after the gather: every process has written its images
+        manifest = write_manifest(Path(args.out), items)
+        made = sum(len(w) for w in written)
+        on = f" by {world} processes" if world > 1 else ""
+        print(f"{len(items)} images in {args.out}: {made} written{on}, {len(items) - made} already there; "
+              f"manifest {manifest}")  # fmt: skip
     return 0
+
+
+def write_manifest(folder: Path, items: list[Item]) -> Path:
+    """folder/manifest.jsonl: one JSON line per image of this job, in its order, read back from the files
+    (their text chunks and sha256); the lines of other jobs' images still in the folder are kept, first."""
+    from PIL import Image
+
+    lines = []
+    for item in items:
+        with Image.open(item.path) as png:
+            text = png.text
+        settings = {k: v for k, v in text.items() if k not in ("prompt", "seed", "software")}
+        lines.append(dict(file=item.path.name, seed=item.seed, prompt=text.get("prompt"), settings=settings,
+                          sha256=hashlib.sha256(item.path.read_bytes()).hexdigest()))  # fmt: skip
+    path, ours = folder / MANIFEST, {line["file"] for line in lines}
+    others = []
+    if path.exists():
+        for old in path.read_text().splitlines():
+            try:
+                line = json.loads(old)
+            except json.JSONDecodeError:
+                continue
+            file = line.get("file") if isinstance(line, dict) else None
+            if isinstance(file, str) and file not in ours and (folder / file).exists():
+                others.append(line)
+    text = "".join(json.dumps(line) + "\n" for line in others + lines)
+    write_atomically(path, lambda tmp: tmp.write_text(text), force=True)
+    return path
 
 
 # --- info, verify -----------------------------------------------------------------------------------
@@ -386,10 +661,16 @@ def add_sampling_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--sigmas", choices=samplers.SIGMA_SCHEDULES, help="the sigma schedule of a sigma-space "
                    "sampler (lms ... unipc): Karras et al.'s (rho = 7) or exponential (default: the "
                    "model's)")  # fmt: skip
-    p.add_argument(
-        "--seed", type=int, help="seed of the first image; image i uses seed + i (default: random)"
-    )
+    p.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default: "
+                   "random; 0 in a batch job, so that the same command resumes it)")  # fmt: skip
     p.add_argument("-n", "--num-images", type=int, default=1, help="how many images (default 1)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per pipeline call (default 1). Faster "
+                   "on a GPU; an image may then differ from its batch-of-one image by a level in a few "
+                   "pixels (batched kernels round differently), but never with the number of "
+                   "processes")  # fmt: skip
+    p.add_argument("--skip-existing", action="store_true", help="a resumable batch job, as under torchrun: "
+                   "--out DIR/ a folder, the images already there kept, the missing ones made, "
+                   f"DIR/{MANIFEST} written; --seed defaults to 0")  # fmt: skip
     if command in SIZED:
         p.add_argument("--height", type=int, help="in pixels (default: the size the model was trained at)")
         p.add_argument("--width", type=int, help="in pixels (default: the size the model was trained at)")
@@ -403,6 +684,8 @@ def add_sampling_options(p: argparse.ArgumentParser, command: str) -> None:
         help="plain PyTorch layers: bit-identical to diffusers, slower on some CPUs",
     )
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    if command != "txt2img":
+        p.set_defaults(prompts=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -414,13 +697,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=text, description=text, epilog=f"example:\n  {EXAMPLES[name]}",
+        jobs = BATCH_JOBS.replace("COMMAND", name) if name in KINDS else ""  # the sampling commands
+        epilog = f"example:\n  {EXAMPLES[name]}{jobs}"
+        p = sub.add_parser(name, help=text, description=text, epilog=epilog,
                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
         p.set_defaults(parser=p)  # errors name the command: "ldm-mini txt2img: error: ..."
         return p
 
     p = command("txt2img", "Generate images from a text prompt.")
-    p.add_argument("prompt", help="the text prompt")
+    p.add_argument("prompt", nargs="?", help="the text prompt")
+    p.add_argument("--prompts", metavar="FILE", help="instead of a prompt: a file of prompts, one a line "
+                   "(# comments); each prompt with each seed, as SLUG-HASH-SEED.png")  # fmt: skip
     add_sampling_options(p, "txt2img")
     p = command("sample", "Generate unconditional samples (e.g. ldm-celebahq-256).")
     add_sampling_options(p, "sample")
