@@ -37,6 +37,16 @@ shipped model's.)
 Each stage writes into --out: a checkpoint (<stage>.pt, every few minutes and at the end), a loss log
 (<stage>_log.jsonl), sample grids (<stage>_<step>.png). Re-running with --resume continues a cut-off run
 exactly where its checkpoint stopped: weights, optimizer, EMA, step, and the numpy + torch random states.
+
+Several processes (DistributedDataParallel, one rank per process, gloo on CPUs, nccl on GPUs):
+
+    torchrun --nproc_per_node=4 -m ldm_mini.train diffusion --out runs/shapes --device cuda --precision bf16
+
+--batch stays the global batch. Every rank draws the whole batch, its scenes and every random number of the
+step (timesteps, noise, caption dropout, masks) from the same generators a single process uses, and computes
+the loss of its own equal slice; DDP averages the gradients (the mean of equal slices' means is the batch
+mean), so the weights follow the single-process trajectory up to float rounding (the order of the sums
+differs). Rank 0 alone writes the checkpoint, log and grids; a checkpoint resumes with any number of ranks.
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import normalizers, pre_tokenizers
@@ -62,7 +73,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import hub, samplers, shapes
-from .autoencoder import AutoencoderConfig, AutoencoderKL, VQModel, build_autoencoder
+from .autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian, VQModel, build_autoencoder
 from .bert import LDMBert, LDMBertConfig
 from .conditioning import LayoutConfig, LayoutTokenizer, SpatialRescaler, SpatialRescalerConfig
 from .loading import config_from_values, config_to_json, make_autoencoder_metadata, save, write_file
@@ -189,7 +200,7 @@ def save_grid(images: Tensor, path: Path, nrow: int) -> None:
     n, _, h, w = images.shape
     rows = math.ceil(n / nrow)
     grid = torch.ones(3, rows * h, nrow * w)
-    for i, im in enumerate(images.clamp(-1, 1)):
+    for i, im in enumerate(images.detach().float().cpu().clamp(-1, 1)):
         r, c = divmod(i, nrow)
         grid[:, r * h : (r + 1) * h, c * w : (c + 1) * w] = im
     array = ((grid + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()  # (rows*H, nrow*W, 3)
@@ -230,7 +241,11 @@ def set_rng_state(rng: np.random.Generator, gen: torch.Generator, state: dict) -
 
 def fingerprint(module: nn.Module) -> float:
     """A number that changes when the weights do (to refuse resuming on another autoencoder)."""
-    return float(sum(p.double().sum() for p in module.state_dict().values()))
+    return float(sum(p.detach().cpu().double().sum() for p in module.state_dict().values()))
+
+
+def device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def load_autoencoder(out: str | os.PathLike) -> AutoencoderKL | VQModel:
@@ -244,14 +259,93 @@ def load_autoencoder(out: str | os.PathLike) -> AutoencoderKL | VQModel:
     return ae.eval().requires_grad_(False)
 
 
+# --- several processes (torchrun), devices, precision ------------------------------------------------------
+def init_distributed(device: str = "cpu") -> tuple[int, int, torch.device]:
+    """Join torchrun's process group when started by torchrun (its RANK, WORLD_SIZE, LOCAL_RANK variables) ->
+    (rank, world_size, this rank's device). Without them: rank 0 of 1, no process group. CUDA ranks take the
+    GPU of their LOCAL_RANK and talk over nccl; CPU ranks over gloo."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device here; train on the CPU with --device cpu")
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    where = torch.device("cuda", local) if device == "cuda" else torch.device("cpu")
+    if where.type == "cuda":
+        torch.cuda.set_device(where)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if where.type == "cuda" else "gloo", rank=rank, world_size=world)
+    return rank, world, where
+
+
+def batch_part(batch: int, rank: int, world: int) -> slice:
+    """The rows of the global batch that `rank` computes the loss of: equal slices, so that DDP's average of
+    the ranks' mean losses is the mean over the whole batch."""
+    if batch % world:
+        raise ValueError(f"--batch {batch} is the global batch, split equally over {world} ranks: "
+                         f"make it a multiple of {world}")  # fmt: skip
+    size = batch // world
+    return slice(rank * size, (rank + 1) * size)
+
+
+def sum_over_ranks(x: Tensor) -> Tensor:
+    """x summed over the ranks (itself in a single process)."""
+    if dist.is_initialized():
+        dist.all_reduce(x)  # SUM, in place
+    return x
+
+
+def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """The ranks' mean of each logged number (each rank's is the mean over its slice: equal slices)."""
+    if not dist.is_initialized():
+        return values
+    total = sum_over_ranks(torch.tensor(list(values.values()), dtype=torch.float64, device=device))
+    return dict(zip(values, (total / dist.get_world_size()).tolist(), strict=True))
+
+
+class Objective(nn.Module):
+    """A loss function run as the forward of the modules it trains. DistributedDataParallel averages the
+    gradients of what its own forward computed, but a loss here is a function of several modules (UNet and
+    LDMBert) rather than one module's forward: DDP(Objective(trained))(diffusion_loss, m, ...) is one."""
+
+    def __init__(self, trained: nn.Module):
+        super().__init__()
+        self.trained = trained
+
+    def forward(self, loss_fn, *args):
+        return loss_fn(*args)
+
+
+def data_parallel(trained: nn.Module, world: int):
+    """(loss_fn, *args) -> loss_fn(*args): through DDP with several ranks (the backward pass then averages the
+    gradients of `trained` over them), directly in a single process (no process group, nothing changes)."""
+    if world == 1:
+        return lambda loss_fn, *args: loss_fn(*args)
+    return nn.parallel.DistributedDataParallel(Objective(trained))
+
+
+def autocast(precision: str, device: torch.device):
+    """--precision bf16: the forward passes under torch.autocast (convolutions and matmuls in bfloat16; norms,
+    softmax and the losses in float32); weights, gradients and AdamW stay float32. fp32: a no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 # --- stage 1: the autoencoder ----------------------------------------------------------------------------
-def autoencoder_loss(ae: AutoencoderKL, images: Tensor, gen: torch.Generator, kl_weight: float):
-    """L1 reconstruction of a posterior sample + kl_weight * KL, both summed per image (CompVis' scale)."""
-    posterior = ae.encode(images)  # (B, 3, 64, 64) -> N(mean, var) over (B, 4, 16, 16)
-    recon = ae.decode(posterior.sample(gen))  # (B, 3, 64, 64)
-    l1 = (recon - images).abs().sum(dim=[1, 2, 3]).mean()
+def posterior_sample(posterior: DiagonalGaussian, gen: torch.Generator, batch: int, part: slice) -> Tensor:
+    """A reparameterised sample of the posterior of a part of a batch of `batch` images: the noise is drawn
+    for the whole batch (what a single process draws, from the same generator state), then sliced."""
+    eps = torch.randn((batch, *posterior.mean.shape[1:]), generator=gen)[part]  # (B, 4, 16, 16) -> (b, ...)
+    return posterior.mean + posterior.std * eps.to(posterior.mean.device)
+
+
+def autoencoder_loss(ae: AutoencoderKL, images: Tensor, gen: torch.Generator, kl_weight: float,
+                     part: slice = slice(None)):  # fmt: skip
+    """L1 reconstruction of a posterior sample + kl_weight * KL, both summed per image (CompVis' scale), on
+    the rows `part` of the batch (a rank's slice; all of them by default)."""
+    x = images[part].to(device_of(ae))  # (b, 3, 64, 64)
+    posterior = ae.encode(x)  # N(mean, var) over (b, 4, 16, 16)
+    recon = ae.decode(posterior_sample(posterior, gen, len(images), part))  # (b, 3, 64, 64)
+    l1 = (recon - x).abs().sum(dim=[1, 2, 3]).mean()
     kl = posterior.kl().mean()
-    return l1 + kl_weight * kl, recon, {"l1": l1.item() / images[0].numel(), "kl": kl.item()}
+    return l1 + kl_weight * kl, recon, {"l1": l1.item() / x[0].numel(), "kl": kl.item()}
 
 
 def vq_loss(ae: VQModel, images: Tensor, beta: float = 0.25):
@@ -290,10 +384,12 @@ def perplexity(counts: Tensor) -> float:
 
 
 def train_autoencoder(args) -> Path:
+    rank, world, device = init_distributed(args.device)
+    part = batch_part(args.batch, rank, world)  # this rank's rows of every global batch
     run = Run(args.out, "autoencoder")
-    torch.manual_seed(args.seed)  # the initial weights
+    torch.manual_seed(args.seed)  # the initial weights (the same on every rank)
     config = AUTOENCODERS[args.kind]
-    ae = build_autoencoder(config)
+    ae = build_autoencoder(config).to(device)
     opt = torch.optim.AdamW(ae.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     rng, gen = np.random.default_rng([args.seed, 1]), torch.Generator().manual_seed(args.seed)
     step, elapsed = 0, 0.0
@@ -308,6 +404,7 @@ def train_autoencoder(args) -> Path:
     counts = torch.zeros(config.n_embed, dtype=torch.long)  # VQ: how often each code was chosen lately
     if args.resume and vq:
         counts = state["counts"]
+    loss_of = data_parallel(ae, world)  # (after the resume: DDP starts every rank from rank 0's weights)
 
     def checkpoint():
         run.save({"model": ae.state_dict(), "opt": opt.state_dict(), "rng": rng_state(rng, gen),
@@ -315,33 +412,43 @@ def train_autoencoder(args) -> Path:
                   "counts": counts, "args": vars(args)})  # fmt: skip
 
     start, last_ckpt = time.time() - elapsed, time.time()
-    bar = tqdm(total=args.steps, initial=step, desc="autoencoder", disable=not args.progress)
+    bar = tqdm(total=args.steps, initial=step, desc="autoencoder", disable=not args.progress or rank > 0)
     while step < min(args.steps, args.stop_at or args.steps):
-        images, _, _ = shapes.sample_batch(args.batch, rng)  # (B, 3, 64, 64) in [-1, 1], fresh every step
+        images, _, _ = shapes.sample_batch(args.batch, rng)  # (B, 3, 64, 64) in [-1, 1]: the global batch
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        if vq:
-            loss, _, indices, parts = vq_loss(ae, images)
-            counts += torch.bincount(indices.flatten(), minlength=config.n_embed)
-        else:
-            loss, _, parts = autoencoder_loss(ae, images, gen, args.kl_weight)
+        with autocast(args.precision, device):
+            if vq:
+                loss, _, indices, parts = loss_of(vq_loss, ae, images[part].to(device))
+                # the codes chosen in the whole batch, on every rank: all ranks restart the same codes
+                counts += sum_over_ranks(torch.bincount(indices.flatten(), minlength=config.n_embed)).cpu()
+            else:
+                loss, _, parts = loss_of(autoencoder_loss, ae, images, gen, args.kl_weight, part)
         train_step(ae, opt, loss)
         step += 1
+        parts = mean_over_ranks({"loss": loss.item(), **parts}, device)
         if vq and step % args.restart_every == 0:
             parts["perplexity"] = perplexity(counts)
             if step <= args.restart_until:  # then the codebook settles
-                parts["restarted"] = restart_dead_codes(ae, ae.encode(images).detach(), counts, gen)
+                # every rank encodes the whole global batch and draws the same codes from the same `gen`;
+                # rank 0's codebook is then broadcast, which makes the ranks' copies equal bit for bit
+                z_e = ae.encode(images.to(device)).detach()  # (B, 3, 16, 16)
+                parts["restarted"] = restart_dead_codes(ae, z_e, counts, gen)
+                if dist.is_initialized():
+                    dist.broadcast(ae.quantize.embedding.weight.data, src=0)
             counts.zero_()
         elapsed = time.time() - start
         bar.update(1)
         bar.set_postfix(l1=f"{parts['l1']:.4f}")
+        if rank > 0:  # rank 0 alone writes the log, the grids and the checkpoint
+            continue
         if step % args.log_every == 0 or step == args.steps or "restarted" in parts:
             lr = opt.param_groups[0]["lr"]
-            run.log({"step": step, "loss": loss.item(), **parts, "lr": lr, "time": elapsed})
+            run.log({"step": step, **parts, "lr": lr, "time": elapsed})
         if step % args.grid_every == 0 or step == args.steps:
             with torch.no_grad():
-                recon = ae(fixed)
-            save_grid(torch.cat([fixed, recon]), run.dir / f"autoencoder_{step:06d}.png", nrow=8)
+                recon = ae(fixed.to(device))
+            save_grid(torch.cat([fixed, recon.cpu()]), run.dir / f"autoencoder_{step:06d}.png", nrow=8)
         if time.time() - last_ckpt > 60 * args.ckpt_minutes or step in (args.steps, args.stop_at):
             checkpoint()
             last_ckpt = time.time()
@@ -355,11 +462,12 @@ def scale_factor(z: Tensor) -> float:
     return 1.0 / z.flatten().std().item()
 
 
-def first_stage_latent(ae: AutoencoderKL | VQModel, images: Tensor, gen: torch.Generator) -> Tensor:
-    """E(x), unscaled: a KL posterior sample, or the VQ latent before quantisation (what the LDM VQ models
-    are trained on: the quantiser belongs to the decoder, LDM Sec. 3.1)."""
-    latent = ae.encode(images)
-    return latent if isinstance(ae, VQModel) else latent.sample(gen)
+def first_stage_latent(ae: AutoencoderKL | VQModel, images: Tensor, gen: torch.Generator,
+                       part: slice = slice(None)) -> Tensor:  # fmt: skip
+    """E(x), unscaled, of the rows `part` of the batch: a KL posterior sample, or the VQ latent before
+    quantisation (what the LDM VQ models are trained on: the quantiser belongs to the decoder, Sec. 3.1)."""
+    latent = ae.encode(images[part].to(device_of(ae)))
+    return latent if isinstance(ae, VQModel) else posterior_sample(latent, gen, len(images), part)
 
 
 @torch.no_grad()
@@ -383,45 +491,52 @@ def eps_loss(m: LatentDiffusion, z0: Tensor, t: Tensor, noise: Tensor, context: 
     return (s.clamp(max=snr_gamma) / s * per_sample).mean()
 
 
-def diffusion_loss(m: LatentDiffusion, images: Tensor, captions: list[str], gen: torch.Generator):
-    """min-SNR-5-weighted eps-prediction loss on one batch of images; the autoencoder is frozen."""
-    with torch.no_grad():
-        z0 = first_stage_latent(m.autoencoder, images, gen) * m.scale_factor  # (B, 4, 16, 16), ~unit variance
-    t = torch.randint(0, m.alphas_cumprod.shape[0], (len(images),), generator=gen)  # (B,) uniform
-    noise = torch.randn(z0.shape, generator=gen)
-    context = m.encode_text(m.tokenize(captions))  # (B, 77, 128), gradients flow into LDMBert
-    return eps_loss(m, z0, t, noise, context, snr_gamma=5.0)
+def diffusion_loss(m: LatentDiffusion, images: Tensor, captions: list[str], gen: torch.Generator,
+                   part: slice = slice(None)):  # fmt: skip
+    """min-SNR-5-weighted eps-prediction loss on one batch of images; the autoencoder is frozen. Only the
+    rows `part` are computed (a rank's slice), but every random number is drawn for the whole batch, so each
+    row gets the t and noise it gets in a single process."""
+    with torch.no_grad():  # (b, 4, 16, 16), ~unit variance
+        z0 = first_stage_latent(m.autoencoder, images, gen, part) * m.scale_factor
+    t = torch.randint(0, m.alphas_cumprod.shape[0], (len(images),), generator=gen)[part]  # (B,) -> (b,)
+    noise = torch.randn((len(images), *z0.shape[1:]), generator=gen)[part]  # (B, 4, 16, 16) -> (b, ...)
+    context = m.encode_text(m.tokenize(captions[part]))  # (b, 77, 128), gradients flow into LDMBert
+    return eps_loss(m, z0, t.to(m.device), noise.to(m.device), context, snr_gamma=5.0)
 
 
-def task_condition(m: LatentDiffusion, images: Tensor, scenes: list, gen: torch.Generator) -> Tensor | None:
+def task_condition(m: LatentDiffusion, images: Tensor, scenes: list, gen: torch.Generator,
+                   part: slice = slice(None)) -> Tensor | None:  # fmt: skip
     """What the UNet of a task is given besides z_t in training: nothing (unconditional); the degraded 16x16
     image (superres, shapes.degrade, as bsr_sr); the masked image's latent and the mask of a random
     rectangle or stroke (inpaint, shapes.random_masks, as inpainting_big: m.inpaint_condition); the layout
     transformer's context of the scenes' boxes (layout, shapes.layout, as layout2img-openimages256); the
-    rescaled label map (semantic, shapes.segmentation, as semantic_synthesis256)."""
+    rescaled label map (semantic, shapes.segmentation, as semantic_synthesis256). Of the rows `part` (the
+    random degradations and masks drawn for the whole batch, as for diffusion_loss's noise)."""
     if m.kind == "layout":
-        return m.encode_layout(m.layout_tokens([shapes.layout(s) for s in scenes]))  # (B, 11, 128)
-    if m.kind == "semantic":
-        return m.encode_segmentation(torch.stack([shapes.segmentation(s) for s in scenes]))  # (B, 3, 16, 16)
+        return m.encode_layout(m.layout_tokens([shapes.layout(s) for s in scenes[part]]))  # (b, 11, 128)
+    if m.kind == "semantic":  # (b, 3, 16, 16)
+        return m.encode_segmentation(torch.stack([shapes.segmentation(s) for s in scenes[part]]))
     if m.kind == "superres":
-        return shapes.degrade(images, gen)  # (B, 3, 16, 16) in [-1, 1]
-    if m.kind == "inpaint":
-        return m.inpaint_condition(images, shapes.random_masks(len(images), gen))  # (B, 3 + 1, 16, 16)
+        return shapes.degrade(images, gen)[part].to(m.device)  # (b, 3, 16, 16) in [-1, 1]
+    if m.kind == "inpaint":  # (b, 3 + 1, 16, 16)
+        return m.inpaint_condition(images[part], shapes.random_masks(len(images), gen)[part])
     return None
 
 
-def task_loss(m: LatentDiffusion, images: Tensor, scenes: list, gen: torch.Generator):
+def task_loss(m: LatentDiffusion, images: Tensor, scenes: list, gen: torch.Generator,
+              part: slice = slice(None)):  # fmt: skip
     """The min-SNR-5 eps loss of the unconditional, super-resolution, inpainting and layout models: the
     task's condition (task_condition) concatenated to z_t or, for layouts, the cross-attention context
-    (layout and semantic: computed with gradients, their encoders train with the UNet)."""
+    (layout and semantic: computed with gradients, their encoders train with the UNet). Of the rows `part`,
+    every random number drawn for the whole batch (as diffusion_loss)."""
     with torch.no_grad():
-        z0 = first_stage_latent(m.autoencoder, images, gen) * m.scale_factor  # (B, 3, 16, 16)
+        z0 = first_stage_latent(m.autoencoder, images, gen, part) * m.scale_factor  # (b, 3, 16, 16)
     learnt = m.kind in ("layout", "semantic")  # their encoders train with the UNet (cond_stage_trainable)
     with torch.set_grad_enabled(learnt):
-        cond = task_condition(m, images, scenes, gen)
-    t = torch.randint(0, m.alphas_cumprod.shape[0], (len(images),), generator=gen)  # (B,) uniform
-    noise = torch.randn(z0.shape, generator=gen)
-    return eps_loss(m, z0, t, noise, cond, snr_gamma=5.0)
+        cond = task_condition(m, images, scenes, gen, part)
+    t = torch.randint(0, m.alphas_cumprod.shape[0], (len(images),), generator=gen)[part]  # (B,) -> (b,)
+    noise = torch.randn((len(images), *z0.shape[1:]), generator=gen)[part]  # (B, 3, 16, 16) -> (b, ...)
+    return eps_loss(m, z0, t.to(m.device), noise.to(m.device), cond, snr_gamma=5.0)
 
 
 def build_task_model(task: str, ae, scale_factor: float, tokenizer: Tokenizer | None = None):
@@ -478,7 +593,7 @@ def sample_grid(m: LatentDiffusion, path: Path, seed: int, steps: int = 20, scal
     prompts = GRID_PROMPTS * 2
     cond, uncond = m.encode_text(m.tokenize(prompts)), m.encode_text(m.tokenize([""] * len(prompts)))
     shape = (len(prompts), m.latent_channels, 16, 16)
-    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(m.device)
     z0 = samplers.ddim(m, x_T, steps, cond=cond, uncond=uncond, guidance_scale=scale, progress=False)
     save_grid(m.decode(z0), path, nrow=len(GRID_PROMPTS))
 
@@ -490,36 +605,42 @@ def task_grid(m: LatentDiffusion, path: Path, seed: int, steps: int = 20) -> Non
     scenes' layouts above the scenes."""
     if m.kind == "unconditional":
         x_T = torch.randn((16, m.latent_channels, 16, 16), generator=torch.Generator().manual_seed(seed))
+        x_T = x_T.to(m.device)
         save_grid(m.decode(samplers.ddim(m, x_T, steps, progress=False)), path, nrow=8)
         return
     images, _, scenes = shapes.sample_batch(8, np.random.default_rng([seed, 5]), split="heldout")
     gen = torch.Generator().manual_seed(seed)
-    x_T = torch.randn((8, m.latent_channels, 16, 16), generator=gen)
+    x_T = torch.randn((8, m.latent_channels, 16, 16), generator=gen).to(m.device)
     if m.kind == "superres":
         low = shapes.degrade(images, gen)
-        sr = m.decode(samplers.ddim(m, x_T, steps, cond=low, progress=False))
+        sr = m.decode(samplers.ddim(m, x_T, steps, cond=low.to(m.device), progress=False)).cpu()
         save_grid(torch.cat([F.interpolate(low, scale_factor=4, mode="bicubic"), sr, images]), path, nrow=8)
         return
     if m.kind in ("layout", "semantic"):
         cond = task_condition(m, images, scenes, gen)
-        samples = m.decode(samplers.ddim(m, x_T, steps, cond=cond, progress=False))
+        samples = m.decode(samplers.ddim(m, x_T, steps, cond=cond, progress=False)).cpu()
         save_grid(torch.cat([samples, images]), path, nrow=8)
         return
     masks = shapes.random_masks(8, gen)
     filled = m.decode(samplers.ddim(m, x_T, steps, cond=m.inpaint_condition(images, masks), progress=False))
+    filled = filled.cpu()
     composite = (1 - masks) * images + masks * filled.clamp(-1, 1)
     save_grid(torch.cat([(1 - masks) * images, composite, images]), path, nrow=8)
 
 
 def train_diffusion(args) -> Path:
+    rank, world, device = init_distributed(args.device)
+    part = batch_part(args.batch, rank, world)  # this rank's rows of every global batch
     run = Run(args.out, "diffusion")
-    ae = load_autoencoder(args.autoencoder or args.out)
-    torch.manual_seed(args.seed)  # the initial weights
+    ae = load_autoencoder(args.autoencoder or args.out).to(device)  # frozen: no DDP needed
+    torch.manual_seed(args.seed)  # the initial weights (the same on every rank)
     text = args.task == "txt2img"  # captions: a tokenizer, caption dropout, guidance grids
     tokenizer = train_tokenizer(seed=args.seed) if text else None
+    # the latent scale: every rank encodes the same images, so every rank computes the same scale
     m = build_task_model(args.task, ae, latent_scale(ae, args.scale_images, args.seed), tokenizer)
     if args.init and not args.resume:
         init_from(m, args.init)
+    m.to(device)
     # what trains: the UNet and the task's encoder, where it has one (LDMBert, the segmentation rescaler)
     encoders = {
         k: getattr(m, k) for k in ("text_encoder", "segmentation_encoder") if getattr(m, k) is not None
@@ -541,8 +662,9 @@ def train_diffusion(args) -> Path:
         opt.load_state_dict(state["opt"])
         set_rng_state(rng, gen, state["rng"])
         step, elapsed, m.scale_factor = state["step"], state["elapsed"], state["scale_factor"]
-    else:
+    elif rank == 0:
         run.log({"scale_factor": m.scale_factor})
+    loss_of = data_parallel(trained, world)  # (after the resume: DDP starts every rank from rank 0's weights)
 
     def checkpoint():
         run.save(
@@ -573,28 +695,33 @@ def train_diffusion(args) -> Path:
                                layout_tokenizer=m.layout_tokenizer, **parts)  # fmt: skip
 
     start, last_ckpt = time.time() - elapsed, time.time()
-    bar = tqdm(total=args.steps, initial=step, desc="diffusion", disable=not args.progress)
+    bar = tqdm(total=args.steps, initial=step, desc="diffusion", disable=not args.progress or rank > 0)
     while step < min(args.steps, args.stop_at or args.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        if text:
-            images, captions, _ = shapes.sample_batch(args.batch, rng, num_shapes_p=TRAIN_NUM_SHAPES_P)
-            drop = (
-                rng.random(len(captions)) < args.uncond_prob
-            )  # caption dropout, for classifier-free guidance
-            captions = ["" if d else c for c, d in zip(captions, drop, strict=True)]
-            loss = diffusion_loss(m, images, captions, gen)
-        else:  # the dataset's own mix of 1, 2, 3 shapes: what an unconditional model should reproduce
-            images, _, scenes = shapes.sample_batch(args.batch, rng)
-            loss = task_loss(m, images, scenes, gen)
-        train_step(trained, opt, loss, max_grad_norm=1.0)
-        ema_update(ema, trained, step, args.ema_decay)
+        # the global batch and its caption dropout, the same on every rank; each computes the loss of `part`
+        with autocast(args.precision, device):
+            if text:
+                images, captions, _ = shapes.sample_batch(args.batch, rng, num_shapes_p=TRAIN_NUM_SHAPES_P)
+                drop = (
+                    rng.random(len(captions)) < args.uncond_prob
+                )  # caption dropout, for classifier-free guidance
+                captions = ["" if d else c for c, d in zip(captions, drop, strict=True)]
+                loss = loss_of(diffusion_loss, m, images, captions, gen, part)
+            else:  # the dataset's own mix of 1, 2, 3 shapes: what an unconditional model should reproduce
+                images, _, scenes = shapes.sample_batch(args.batch, rng)
+                loss = loss_of(task_loss, m, images, scenes, gen, part)
+        train_step(trained, opt, loss, max_grad_norm=1.0)  # (DDP: the gradients are the ranks' mean)
+        ema_update(ema, trained, step, args.ema_decay)  # equal weights on every rank: equal EMAs
         step += 1
         elapsed = time.time() - start
+        shown = mean_over_ranks({"loss": loss.item()}, device)["loss"]  # the whole batch's loss
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{shown:.4f}")
+        if rank > 0:  # rank 0 alone writes the log, the grids and the checkpoint
+            continue
         if step % args.log_every == 0 or step == args.steps:
-            run.log({"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"], "time": elapsed})
+            run.log({"step": step, "loss": shown, "lr": opt.param_groups[0]["lr"], "time": elapsed})
         if step % args.grid_every == 0 or step == args.steps:
             grid = sample_grid if text else task_grid
             grid(ema_model().eval(), run.dir / f"diffusion_{step:06d}.png", args.seed)
@@ -676,6 +803,10 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--ckpt-minutes", type=float, default=3.0)
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
         p.add_argument("--no-progress", dest="progress", action="store_false")
+        p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                       help="cuda: under torchrun, each rank on the GPU of its LOCAL_RANK")  # fmt: skip
+        p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                       help="bf16: forward passes under autocast(bfloat16), weights float32")  # fmt: skip
         if stage == "autoencoder":
             p.add_argument("--kind", choices=tuple(AUTOENCODERS), default="kl", help="KL-f4 or VQ-f4")
             p.add_argument("--kl-weight", type=float, default=1e-6)
@@ -715,7 +846,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps < 1 or args.batch < 1:
         raise SystemExit(f"--steps and --batch must be >= 1, got {args.steps} and {args.batch}")
     ckpt = (train_autoencoder if args.stage == "autoencoder" else train_diffusion)(args)
-    print(f"{args.stage}: checkpoint {ckpt}, log and grids in {args.out}")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"{args.stage}: checkpoint {ckpt}, log and grids in {args.out}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
