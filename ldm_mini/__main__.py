@@ -61,15 +61,13 @@ import secrets
 import sys
 import tempfile
 import warnings
-from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from . import pipeline, samplers
+from . import distributed, pipeline, samplers
 from .hub import DownloadError, is_hub_id, load, resolve
 from .loading import DTYPES, EMBEDDED, build_empty, read_metadata, recommended_of, write_atomically
 from .verify import DEFAULT_PROMPT
@@ -138,52 +136,6 @@ def pick_device(name: str, parser: argparse.ArgumentParser) -> torch.device:
     if (name == "cuda" and not cuda) or (name == "mps" and not mps):
         parser.error(f"--device {name}: no {name.upper()} device is available here; use --device cpu")
     return torch.device(name)
-
-
-# --- several processes: torchrun --------------------------------------------------------------------
-# torchrun (python -m torch.distributed.run) starts the processes and tells each its place in RANK (0 ..
-# WORLD_SIZE - 1 over all nodes), WORLD_SIZE and LOCAL_RANK (its number on its node: its GPU). A plain
-# `python` run has none of them: rank 0 of 1, and no process group.
-def launched() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ  # torchrun sets both, even for 1 process
-
-
-def rank_and_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def device_for_rank(device: torch.device, parser) -> torch.device:
-    """cuda -> cuda:LOCAL_RANK under torchrun, one GPU per process; other devices as they are."""
-    if device.type != "cuda" or not launched():
-        return device
-    local, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
-    if local >= count:
-        parser.error(f"LOCAL_RANK {local}, but this node has {count} GPU(s): start at most that many "
-                     "processes per node (torchrun --nproc_per_node)")  # fmt: skip
-    return torch.device("cuda", local)
-
-
-def init_group(device: torch.device) -> None:
-    """Join torchrun's process group (its rendezvous address is in MASTER_ADDR and MASTER_PORT)."""
-    if launched() and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)  # NCCL's object collectives run on the current device
-        # a process with nothing left to make waits at the gather for the others' last batch: allow an hour
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1))
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def gather(obj) -> list | None:
-    """Every rank's obj in rank order on rank 0, None on the others; [obj] without a process group."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
 
 
 # --- output files ----------------------------------------------------------------------------------
@@ -280,7 +232,7 @@ class Item(NamedTuple):
 
 def is_job(args) -> bool:
     """A batch job (torchrun, or --skip-existing): --out is a folder, kept files are skipped, a manifest."""
-    return launched() or args.skip_existing
+    return distributed.launched() or args.skip_existing
 
 
 def prepare(args, parser) -> tuple[Path, dict, list[Item]]:
@@ -295,7 +247,7 @@ def prepare(args, parser) -> tuple[Path, dict, list[Item]]:
         parser.error("--skip-existing keeps the files already there, --force remakes them: choose one")
     out_file = args.out is not None and Path(args.out).suffix.lower() == ".png"
     if job and (args.out is None or out_file):
-        how = "torchrun" if launched() else "--skip-existing"
+        how = "torchrun" if distributed.launched() else "--skip-existing"
         parser.error(f"a batch job ({how}) needs --out DIR/, a folder: it writes NAME-SEED.png there and "
                      "skips the images already written")  # fmt: skip
     prompts = read_prompts(args, parser) if args.command == "txt2img" else [None]
@@ -505,7 +457,8 @@ def write(image, item: Item, text: dict, args) -> Path | None:
 
 def sample_batches(args, parser, path: Path, device, call: dict, total: int, mine: list) -> list[int]:
     """Make this process's batches, write their PNGs -> the indices of the images written (not kept)."""
-    skip, where = is_job(args) and not args.force, f"[rank {rank_and_world()[0]}] " if launched() else ""
+    rank = distributed.rank_and_world()[0]
+    skip, where = is_job(args) and not args.force, f"[rank {rank}] " if distributed.launched() else ""
     m, written = None, []
     for batch in mine:
         wanted = [not (skip and item.path.exists()) for item in batch]  # written before: kept
@@ -535,20 +488,22 @@ def sample_batches(args, parser, path: Path, device, call: dict, total: int, min
 
 def run_sampling(args, parser) -> int:
     path, call, items = prepare(args, parser)
-    rank, world = rank_and_world()
-    device = device_for_rank(pick_device(args.device, parser), parser)
-    if launched():
+    rank, world = distributed.rank_and_world()
+    try:
+        device = distributed.device_for_rank(pick_device(args.device, parser))
+    except ValueError as e:  # more processes than GPUs
+        parser.error(str(e))
+    if distributed.launched():
         call["progress"] = rank == 0  # one tqdm bar over the steps, not one per process
-    init_group(device)
+    distributed.init(device)
     try:
         keep = is_job(args) and not args.force
         todo = [b for b in batches(items, args.batch_size) if not (keep and all(i.path.exists() for i in b))]
-        barrier()  # every process lists what is left before any of them writes: they agree on the split
+        distributed.barrier()  # every process lists what is left before any of them writes: one split
         mine = todo[rank::world]  # round robin: the k-th batch left to make on rank k % world
-        written = gather(sample_batches(args, parser, path, device, call, len(items), mine))
+        written = distributed.gather(sample_batches(args, parser, path, device, call, len(items), mine))
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.close()
     if is_job(args) and rank == 0:  # after the gather: every process has written its images
         manifest = write_manifest(Path(args.out), items)
         made = sum(len(w) for w in written)

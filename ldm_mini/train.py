@@ -63,7 +63,6 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import normalizers, pre_tokenizers
@@ -72,7 +71,7 @@ from tokenizers.trainers import WordPieceTrainer
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import hub, samplers, shapes
+from . import distributed, hub, samplers, shapes
 from .autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian, VQModel, build_autoencoder
 from .bert import LDMBert, LDMBertConfig
 from .conditioning import LayoutConfig, LayoutTokenizer, SpatialRescaler, SpatialRescalerConfig
@@ -261,19 +260,13 @@ def load_autoencoder(out: str | os.PathLike) -> AutoencoderKL | VQModel:
 
 # --- several processes (torchrun), devices, precision ------------------------------------------------------
 def init_distributed(device: str = "cpu") -> tuple[int, int, torch.device]:
-    """Join torchrun's process group when started by torchrun (its RANK, WORLD_SIZE, LOCAL_RANK variables) ->
-    (rank, world_size, this rank's device). Without them: rank 0 of 1, no process group. CUDA ranks take the
-    GPU of their LOCAL_RANK and talk over nccl; CPU ranks over gloo."""
+    """Join torchrun's process group when started by torchrun (distributed.py) -> (rank, world_size, this
+    rank's device). Without it: rank 0 of 1, no process group. CUDA ranks take the GPU of their LOCAL_RANK."""
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: torch sees no CUDA device here; train on the CPU with --device cpu")
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    where = torch.device("cuda", local) if device == "cuda" else torch.device("cpu")
-    if where.type == "cuda":
-        torch.cuda.set_device(where)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if where.type == "cuda" else "gloo", rank=rank, world_size=world)
-    return rank, world, where
+    where = distributed.device_for_rank(torch.device(device))
+    distributed.init(where)
+    return *distributed.rank_and_world(), where
 
 
 def batch_part(batch: int, rank: int, world: int) -> slice:
@@ -284,21 +277,6 @@ def batch_part(batch: int, rank: int, world: int) -> slice:
                          f"make it a multiple of {world}")  # fmt: skip
     size = batch // world
     return slice(rank * size, (rank + 1) * size)
-
-
-def sum_over_ranks(x: Tensor) -> Tensor:
-    """x summed over the ranks (itself in a single process)."""
-    if dist.is_initialized():
-        dist.all_reduce(x)  # SUM, in place
-    return x
-
-
-def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """The ranks' mean of each logged number (each rank's is the mean over its slice: equal slices)."""
-    if not dist.is_initialized():
-        return values
-    total = sum_over_ranks(torch.tensor(list(values.values()), dtype=torch.float64, device=device))
-    return dict(zip(values, (total / dist.get_world_size()).tolist(), strict=True))
 
 
 class Objective(nn.Module):
@@ -421,12 +399,14 @@ def train_autoencoder(args) -> Path:
             if vq:
                 loss, _, indices, parts = loss_of(vq_loss, ae, images[part].to(device))
                 # the codes chosen in the whole batch, on every rank: all ranks restart the same codes
-                counts += sum_over_ranks(torch.bincount(indices.flatten(), minlength=config.n_embed)).cpu()
+                counts += distributed.sum_over_ranks(
+                    torch.bincount(indices.flatten(), minlength=config.n_embed)
+                ).cpu()
             else:
                 loss, _, parts = loss_of(autoencoder_loss, ae, images, gen, args.kl_weight, part)
         train_step(ae, opt, loss)
         step += 1
-        parts = mean_over_ranks({"loss": loss.item(), **parts}, device)
+        parts = distributed.mean_over_ranks({"loss": loss.item(), **parts}, device)
         if vq and step % args.restart_every == 0:
             parts["perplexity"] = perplexity(counts)
             if step <= args.restart_until:  # then the codebook settles
@@ -434,8 +414,7 @@ def train_autoencoder(args) -> Path:
                 # rank 0's codebook is then broadcast, which makes the ranks' copies equal bit for bit
                 z_e = ae.encode(images.to(device)).detach()  # (B, 3, 16, 16)
                 parts["restarted"] = restart_dead_codes(ae, z_e, counts, gen)
-                if dist.is_initialized():
-                    dist.broadcast(ae.quantize.embedding.weight.data, src=0)
+                distributed.broadcast(ae.quantize.embedding.weight.data, src=0)
             counts.zero_()
         elapsed = time.time() - start
         bar.update(1)
@@ -715,7 +694,7 @@ def train_diffusion(args) -> Path:
         ema_update(ema, trained, step, args.ema_decay)  # equal weights on every rank: equal EMAs
         step += 1
         elapsed = time.time() - start
-        shown = mean_over_ranks({"loss": loss.item()}, device)["loss"]  # the whole batch's loss
+        shown = distributed.mean_over_ranks({"loss": loss.item()}, device)["loss"]  # the whole batch's loss
         bar.update(1)
         bar.set_postfix(loss=f"{shown:.4f}")
         if rank > 0:  # rank 0 alone writes the log, the grids and the checkpoint
@@ -846,10 +825,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps < 1 or args.batch < 1:
         raise SystemExit(f"--steps and --batch must be >= 1, got {args.steps} and {args.batch}")
     ckpt = (train_autoencoder if args.stage == "autoencoder" else train_diffusion)(args)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if distributed.is_main():
         print(f"{args.stage}: checkpoint {ckpt}, log and grids in {args.out}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    distributed.close()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ["autoencoder", "unet", "bert", "conditioning", "fast", "tokenizer", "schedule", "samplers",
         "ksamplers", "model", "loading", "pipeline", "tiling"]  # fmt: skip
-TOOLING = ["hub", "__main__", "verify", "viz", "shapes", "train", "exercises"]
+TOOLING = ["hub", "__main__", "verify", "viz", "shapes", "train", "exercises", "distributed"]
 OUTSIDE = ["weights_tools", "huggingface_hub", "diffusers", "transformers", "matplotlib", "yaml"]
 
 
