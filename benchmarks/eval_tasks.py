@@ -276,7 +276,9 @@ def report_inpaint(args):
     held, _ = eval_inpaint(m, args.n, args.seed, steps, split="heldout")
     rows = {f"{k}, fresh scenes": v for k, v in rows.items()} | {
         f"{k}, held-out pairs": v for k, v in held.items()}  # fmt: skip
-    return (f"### shapes-inpaint: {args.n} + {args.n} unseen scenes, random masks, DDIM {steps} steps\n\n"
+    eta = m.recommended.get("eta", 0.0)  # the file's recommended eta (ldm_mini.inpaint reads it)
+    return (f"### shapes-inpaint: {args.n} + {args.n} unseen scenes, random masks, DDIM {steps} steps, eta "
+            f"{eta}\n\n"
             + table(rows, ["n", "scene", "kept", "seam", "correct", "seam energy", "truth's"])
             + "\n\n(fresh scenes and held-out pairs as for shapes-superres; the masks: shapes.random_masks, "
             "redrawn until at least half of every shape stays visible (fair_masks). judge_inpaint: scene = "

@@ -128,7 +128,8 @@ TRAIN_NUM_SHAPES_P = (0.3, 0.5, 0.2)
 # What the command line samples each model with by default (measured: benchmarks/RESULTS.md)
 RECOMMENDED = {"steps": 20, "guidance": 2.0}  # shapes (txt2img): the guidance sweep
 RECOMMENDED_OF = {"txt2img": RECOMMENDED, "unconditional": {"steps": 50}, "superres": {"steps": 50},
-                  "inpaint": {"steps": 50}, "layout": {"steps": 50}, "semantic": {"steps": 50}}  # fmt: skip
+                  "inpaint": {"steps": 100, "eta": 1.0}, "layout": {"steps": 50},
+                  "semantic": {"steps": 50}}  # fmt: skip
 GRID_PROMPTS = [
     "a red circle above a blue square",
     "a green triangle on the left",

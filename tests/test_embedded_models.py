@@ -66,7 +66,8 @@ def test_shapes_inpaint_completes_half_hidden_shapes_and_keeps_the_rest():
     the caption says, the kept pixels are the input's, the seam is no rougher than the truth's; the same seed
     gives the same images."""
     m = ldm_mini.load("shapes-inpaint")
-    assert m.kind == "inpaint" and m.recommended == {"steps": 50} and isinstance(m.autoencoder, VQModel)
+    assert m.kind == "inpaint" and m.recommended == {"steps": 100, "eta": 1.0}
+    assert isinstance(m.autoencoder, VQModel)
     images, captions, scenes = shapes.sample_batch(8, np.random.default_rng(8))
     masks = fair_masks(scenes, torch.Generator().manual_seed(8))
     assert all(visible_fraction(s, mk) >= 0.5 for s, mk in zip(scenes, masks, strict=True))
