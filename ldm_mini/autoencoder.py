@@ -276,13 +276,21 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * self.logvar)
         self.var = torch.exp(self.logvar)
 
-    def sample(self, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
+    def sample(self, generator: torch.Generator | list[torch.Generator] | None = None,
+               noise: Tensor | None = None) -> Tensor:  # fmt: skip
         """z = mean + std * eps, eps ~ N(0, I), drawn as diffusers' randn_tensor draws it.
 
         The noise is drawn on the generator's device (CPU generator -> CPU noise, then moved), with
-        the latent's dtype; a list of generators draws one batch element from each.
+        the latent's dtype; a list of generators draws one batch element from each. noise: eps given
+        instead of drawn (the mean's shape; train.py draws it for a whole batch and gives each rank its rows).
         """
         shape, device, dtype = self.mean.shape, self.mean.device, self.mean.dtype
+        if noise is not None:
+            if noise.shape != shape:
+                raise ValueError(
+                    f"noise must have the posterior's shape {tuple(shape)}, got {tuple(noise.shape)}"
+                )
+            return self.mean + self.std * noise.to(device, dtype)
         if isinstance(generator, list) and len(generator) == 1:
             generator = generator[0]
         if isinstance(generator, list):

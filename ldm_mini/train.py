@@ -251,7 +251,7 @@ def device_of(module: nn.Module) -> torch.device:
 def load_autoencoder(out: str | os.PathLike) -> AutoencoderKL | VQModel:
     """The stage-1 autoencoder, frozen: a run folder's final weights, or else an embedded name ("shapes-vq")
     or an autoencoder .safetensors file (ldm_mini.load_autoencoder: a stage 2 on a shipped stage 1)."""
-    if not (Path(out) / "autoencoder.pt").exists() and not Path(out).is_dir():
+    if not Path(out).is_dir():
         return hub.load_autoencoder(out).requires_grad_(False)
     state = Run(out, "autoencoder").load()
     ae = build_autoencoder(config_from_values(AutoencoderConfig, state["config"], f"{out}/autoencoder.pt"))
@@ -312,7 +312,7 @@ def posterior_sample(posterior: DiagonalGaussian, gen: torch.Generator, batch: i
     """A reparameterised sample of the posterior of a part of a batch of `batch` images: the noise is drawn
     for the whole batch (what a single process draws, from the same generator state), then sliced."""
     eps = torch.randn((batch, *posterior.mean.shape[1:]), generator=gen)[part]  # (B, 4, 16, 16) -> (b, ...)
-    return posterior.mean + posterior.std * eps.to(posterior.mean.device)
+    return posterior.sample(noise=eps)
 
 
 def autoencoder_loss(ae: AutoencoderKL, images: Tensor, gen: torch.Generator, kl_weight: float,
@@ -616,8 +616,10 @@ def train_diffusion(args) -> Path:
     torch.manual_seed(args.seed)  # the initial weights (the same on every rank)
     text = args.task == "txt2img"  # captions: a tokenizer, caption dropout, guidance grids
     tokenizer = train_tokenizer(seed=args.seed) if text else None
-    # the latent scale: every rank encodes the same images, so every rank computes the same scale
-    m = build_task_model(args.task, ae, latent_scale(ae, args.scale_images, args.seed), tokenizer)
+    # the latent scale: every rank encodes the same images, so every rank computes the same scale (--init and
+    # --resume bring the scale their UNet was trained with instead)
+    scale = 1.0 if args.init or args.resume else latent_scale(ae, args.scale_images, args.seed)
+    m = build_task_model(args.task, ae, scale, tokenizer)
     if args.init and not args.resume:
         init_from(m, args.init)
     m.to(device)

@@ -179,6 +179,19 @@ def test_kl_sample_generator_list():
             ours.encode(img).sample(gens()[:1] * 3)
 
 
+def test_kl_sample_with_given_noise_is_the_draw_of_that_noise():
+    """sample(noise=eps) is the sample whose draw was eps (train.py gives each rank its rows of one draw)."""
+    ours, _ = make_pair(KL_TINY[0])
+    img = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        posterior = ours.encode(img)
+        eps = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(5))
+        drawn = posterior.sample(torch.Generator().manual_seed(5))
+        assert torch.equal(posterior.sample(noise=eps), drawn)
+        with pytest.raises(ValueError, match="the posterior's shape"):
+            posterior.sample(noise=eps[:1])
+
+
 @pytest.mark.parametrize("batch, h, w", SHAPES)
 @pytest.mark.parametrize("cfg", VQ_TINY, ids=VQ_IDS)
 def test_vq_matches_diffusers(cfg, batch, h, w):
