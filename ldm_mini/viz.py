@@ -1,4 +1,4 @@
-"""Helpers for the notebooks: example images, image grids, latents, heat maps, attention maps.
+"""Helpers for the notebooks: example images, image grids, latents, heat maps, attention maps, sliders.
 
 Every drawing function takes an optional matplotlib Axes (a new figure when None), always sets a title and
 both axis labels, and returns the Axes. Grids are ONE Axes with the images tiled: the tick labels name the
@@ -10,6 +10,8 @@ matplotlib is needed here only (pip install matplotlib); the rest of ldm_mini do
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch.nn.functional as F
@@ -165,3 +167,36 @@ def attention_overlay(image: Tensor, maps: Tensor, tokens: list[str], title: str
     ax = _axes(ax, width=min(1.8 * len(tiles), 16.0), height=2.6)
     ax.imshow(tile(tiles, len(tiles)), interpolation="nearest")
     return _label_grid(ax, size, 1, len(tiles), 2, title, "token", "attention", ["image", *tokens], None)
+
+
+# --- sliders ----------------------------------------------------------------------------------------------
+def sliders(draw, **knobs):
+    """Turn `draw`'s keyword arguments with sliders: draw(**values) draws its figure and shows it (plt.show()),
+    again at every change.
+
+    knobs: name=(first, last, step, start) for a slider of ints or floats (start: the value drawn first),
+    or name=[choices] for a drop-down (the first drawn first). In Jupyter with ipywidgets installed (the
+    notebooks extra) this is ipywidgets.interact with continuous_update off (a sample takes seconds, so the
+    figure follows on release). Without ipywidgets, or in a static render (the environment variable
+    LDM_MINI_STATIC=1, set by notebooks/build_html.py), it draws the start values once as a plain figure."""
+    for name, knob in knobs.items():
+        if not (isinstance(knob, tuple) and len(knob) == 4 or isinstance(knob, list) and knob):
+            raise ValueError(f"knob {name!r}: give (first, last, step, start) for a slider or a non-empty "
+                             f"[list] of choices, not {knob!r}")  # fmt: skip
+    start = {k: (v[3] if isinstance(v, tuple) else v[0]) for k, v in knobs.items()}
+    try:
+        if os.environ.get("LDM_MINI_STATIC") == "1":
+            raise ImportError
+        import ipywidgets
+    except ImportError:
+        return draw(**start)
+    widgets = {}
+    for name, knob in knobs.items():
+        if isinstance(knob, tuple):
+            first, last, step, value = knob
+            kind = ipywidgets.IntSlider if all(isinstance(x, int) for x in knob) else ipywidgets.FloatSlider
+            widgets[name] = kind(min=first, max=last, step=step, value=value, description=name,
+                                 continuous_update=False)  # fmt: skip
+        else:
+            widgets[name] = ipywidgets.Dropdown(options=list(knob), value=knob[0], description=name)
+    return ipywidgets.interact(draw, **widgets)
