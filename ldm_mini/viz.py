@@ -171,8 +171,8 @@ def attention_overlay(image: Tensor, maps: Tensor, tokens: list[str], title: str
 
 # --- sliders ----------------------------------------------------------------------------------------------
 def sliders(draw, **knobs):
-    """Turn `draw`'s keyword arguments with sliders: draw(**values) draws its figure and shows it (plt.show()),
-    again at every change.
+    """Turn `draw`'s keyword arguments with sliders: draw(**values) draws its figure and shows it
+    (plt.show()), again at every change.
 
     knobs: name=(first, last, step, start) for a slider of ints or floats (start: the value drawn first),
     or name=[choices] for a drop-down (the first drawn first). In Jupyter with ipywidgets installed (the

@@ -14,8 +14,11 @@ from ldm_mini import viz  # noqa: E402
 
 def test_sliders_are_widgets_with_the_given_ranges_and_draw_the_start_values():
     calls = []
-    shown = viz.sliders(lambda step, guidance, sampler: calls.append((step, guidance, sampler)),
-                        step=(0, 19, 1, 5), guidance=(0.0, 8.0, 0.5, 2.0), sampler=["ddim", "plms"])  # fmt: skip
+
+    def draw(step, guidance, sampler):
+        calls.append((step, guidance, sampler))
+
+    shown = viz.sliders(draw, step=(0, 19, 1, 5), guidance=(0.0, 8.0, 0.5, 2.0), sampler=["ddim", "plms"])
     knobs = {w.description: w for w in shown.widget.children if hasattr(w, "description") and w.description}
     assert isinstance(knobs["step"], ipywidgets.IntSlider)
     assert (knobs["step"].min, knobs["step"].max, knobs["step"].value) == (0, 19, 5)
