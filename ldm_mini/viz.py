@@ -152,14 +152,17 @@ def attention_maps(probs: Tensor, latent_size: tuple[int, int]) -> Tensor:
 
 
 def attention_overlay(image: Tensor, maps: Tensor, tokens: list[str], title: str = "cross-attention",
-                      ax=None, alpha: float = 0.6, cmap: str = "jet"):  # fmt: skip
+                      ax=None, alpha: float = 0.6, cmap: str = "jet",
+                      shared_scale: bool = False):  # fmt: skip
     """The image, then one tile per token: its attention map (len(tokens), h, w), upsampled to the image
-    size and each scaled to its own maximum, blended over a grey copy of the image (image: (3, H, W))."""
+    size and blended over a grey copy of the image (image: (3, H, W)). Each map is scaled to its own maximum
+    (where a token is read), or with shared_scale=True all to the largest weight of any (how much)."""
     if maps.shape[0] != len(tokens):
         raise ValueError(f"got {maps.shape[0]} maps for {len(tokens)} tokens: pass one map per token")
     size = image.shape[-2:]
     up = F.interpolate(maps[:, None].float().cpu(), size=size, mode="bilinear", align_corners=False)[:, 0]
-    up = up / up.flatten(1).amax(dim=1).clamp(min=1e-12)[:, None, None]  # (n, H, W) in [0, 1]
+    peak = up.amax() if shared_scale else up.flatten(1).amax(dim=1)[:, None, None]
+    up = up / peak.clamp(min=1e-12)  # (n, H, W) in [0, 1]
     rgb = to_numpy(image)  # (H, W, 3) in [0, 1]
     grey = np.repeat(rgb.mean(axis=-1, keepdims=True), 3, axis=-1)
     heat = colormaps[cmap](up.numpy())[..., :3]  # (n, H, W, 3)
