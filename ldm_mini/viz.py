@@ -138,6 +138,26 @@ def heatmap(values, title: str, xlabel: str, ylabel: str, ax=None, cmap: str = "
     return ax
 
 
+def differences(images: Tensor, labels: list[str], reference: int = 0, title: str = "",
+                value_range=(-1.0, 1.0)):  # fmt: skip
+    """Images that look alike, and what tells them apart: the images (N, 3, H, W) in a row, and under each
+    its difference to images[reference], |image - reference| averaged over RGB, all on ONE colour scale,
+    labelled with the largest difference in units of the image's range. Returns the two Axes."""
+    if len(labels) != images.shape[0]:
+        raise ValueError(f"got {len(labels)} labels for {images.shape[0]} images: pass one label per image")
+    lo, hi = value_range
+    diff = (images - images[reference]).abs().float().mean(1).cpu() / (
+        hi - lo
+    )  # (N, H, W), share of the range
+    width = min(2.2 * len(labels) + 1.5, 16.0)
+    _, (top, bottom) = plt.subplots(2, 1, figsize=(width, 5.8), layout="constrained")
+    image_grid(images, title=title, ylabel="image", col_labels=labels, ax=top, value_range=value_range)
+    maxima = [f"max {d.max():.1e}" if i != reference else "(the reference)" for i, d in enumerate(diff)]
+    title = f"|image - {labels[reference]}|, mean over RGB, one scale"
+    map_grid(diff[None], title, "", "difference", col_labels=maxima, ax=bottom, label="share of the range")
+    return top, bottom
+
+
 # --- cross-attention --------------------------------------------------------------------------------------
 def attention_maps(probs: Tensor, latent_size: tuple[int, int]) -> Tensor:
     """Cross-attention probabilities (B, heads, n, L) kept by one Attention layer -> (B, L, h, w): for each

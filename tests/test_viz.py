@@ -41,3 +41,18 @@ def test_a_static_render_draws_the_start_values_once_without_widgets(monkeypatch
 def test_a_malformed_knob_is_a_clear_error(knob):
     with pytest.raises(ValueError, match="knob 'x'"):
         viz.sliders(lambda x: None, x=knob)
+
+
+def test_differences_draws_the_images_and_their_difference_maps_on_one_scale():
+    import torch
+
+    images = torch.zeros(3, 3, 8, 8)
+    images[1, :, 2, 2] = 0.5  # one pixel differs by a quarter of [-1, 1]
+    top, bottom = viz.differences(images, ["a", "b", "c"], title="t")
+    assert [t.get_text() for t in bottom.get_xticklabels()] == [
+        "(the reference)",
+        "max 2.5e-01",
+        "max 0.0e+00",
+    ]
+    with pytest.raises(ValueError, match="one label per image"):
+        viz.differences(images, ["a", "b"])
