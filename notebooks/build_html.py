@@ -21,6 +21,7 @@ nbconvert. tests/test_notebooks_html.py opens the pages this script's functions 
 from __future__ import annotations
 
 import argparse
+import copy
 import html
 import importlib.metadata
 import os
@@ -85,14 +86,11 @@ def notebooks(names: list[str]) -> list[Path]:
     chosen = []
     for name in names:
         stem = Path(name).name.removesuffix(".ipynb")
-        matches = [p for p in available if p.stem == stem] or [
-            p for p in available if p.stem.startswith(stem)
-        ]
+        exact = [p for p in available if p.stem == stem]
+        matches = exact or [p for p in available if p.stem.startswith(stem)]  # or a unique prefix: "05"
         if len(matches) != 1:
-            problem = "is ambiguous" if matches else "is not one of them"
-            raise SystemExit(
-                f"notebook {name!r} {problem}: give one of {', '.join(p.stem for p in available)}"
-            )
+            problem = f"ambiguous notebook {name!r}" if matches else f"unknown notebook {name!r}"
+            raise SystemExit(f"{problem}: choose from {', '.join(p.stem for p in available)}")
         chosen.append(matches[0])
     return chosen
 
@@ -118,14 +116,54 @@ def execute(nb, folder: Path = FOLDER, timeout: int | None = None, **env: str) -
     client.execute(env={**os.environ, "LDM_MINI_STATIC": "1", **env})
 
 
+def widget_html(model_id: str, state: dict) -> str | None:
+    """A widget's last state as static HTML, for the kinds a progress bar is made of (tqdm's in Jupyter: an
+    HBox of an HTML, a FloatProgress and an HTML), or None for any other kind."""
+    model = state.get(model_id)
+    if model is None:
+        return None
+    kind, values = model["model_name"], model["state"]
+    if kind in ("HBoxModel", "VBoxModel", "BoxModel"):
+        children = [widget_html(child.removeprefix("IPY_MODEL_"), state) for child in values["children"]]
+        if None in children:
+            return None
+        flex = "row; align-items: center; gap: 0.5em" if kind == "HBoxModel" else "column"
+        return f'<div style="display: flex; flex-direction: {flex}">{"".join(children)}</div>'
+    if kind in ("HTMLModel", "HTMLMathModel"):
+        return f"<div>{values.get('value', '')}</div>"  # the widget's value is HTML, shown as HTML
+    if kind == "LabelModel":
+        return f"<div>{html.escape(values.get('value', ''))}</div>"
+    if kind in ("FloatProgressModel", "IntProgressModel"):
+        return f'<progress value="{values.get("value", 0)}" max="{values.get("max", 100)}"></progress>'
+    return None
+
+
+def static_widgets(nb):
+    """A copy of nb in which each widget output is replaced by its last state as static HTML (a progress
+    bar at its end, 100%), when widget_html knows its kind, else by its text fallback: a page has no kernel
+    to draw widgets with, nor (offline) the ipywidgets renderer. nbclient saved the widgets' last states in
+    the notebook's metadata."""
+    nb = copy.deepcopy(nb)
+    state = (
+        nb.metadata.pop("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+    )
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            view = output.get("data", {}).pop("application/vnd.jupyter.widget-view+json", None)
+            if view is not None and (static := widget_html(view["model_id"], state)) is not None:
+                output.data = {"text/html": static}
+    return nb
+
+
 def render(nb) -> str:
     """The executed notebook as one HTML page: figures embedded, the math typeset by ./mathjax/ (see
-    prepare), nothing loaded from a network; its <title> is the notebook's title."""
+    prepare), widgets drawn as they ended (static_widgets), nothing loaded from a network; its <title> is
+    the notebook's title."""
     exporter = HTMLExporter(
         template_file="offline.html.j2", extra_loaders=[DictLoader({"offline.html.j2": TEMPLATE})]
     )
     exporter.embed_images = True  # markdown's images too (outputs' figures are always embedded)
-    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title(nb)}})
+    body, _ = exporter.from_notebook_node(static_widgets(nb), resources={"metadata": {"name": title(nb)}})
     return body
 
 
@@ -193,7 +231,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("notebooks", nargs="*", metavar="NOTEBOOK", help="names (default: all of them)")
     parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help=f"the pages' folder (default {DEFAULT_OUT})"
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        metavar="DIR",
+        help=f"the pages' folder (default {DEFAULT_OUT})",
     )
     quick = f"notebook 09 trains a few steps (LDM_MINI_TRAIN_STEPS={QUICK_TRAINING})"
     parser.add_argument("--quick", action="store_true", help=quick)
