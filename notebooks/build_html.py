@@ -10,7 +10,7 @@ notebooks are only read: the outputs go into a copy in memory.
 The kernel gets LDM_MINI_STATIC=1: ldm_mini.viz.sliders then draws each figure at its sliders' start values
 instead of showing ipywidgets sliders, which need a live kernel that a page does not have. Notebook 09
 trains a model (11.5 min on one CPU thread with its defaults): LDM_MINI_TRAIN_STEPS="AE,DIFFUSION" in the
-environment sets its steps, and --quick sets the tests' few steps (6,6), for a build in about 2 minutes.
+environment sets its steps, and --quick sets the tests' few steps (6,6): all nine in ~3 min on 2 CPU cores.
 
 The pages need nothing from a network: images are embedded, and the math is typeset by a copy of MathJax
 in DIR/mathjax/ (from the PyPI package django-static-mathjax, in the dev extra) instead of nbconvert's
@@ -46,12 +46,14 @@ MARKER = ".ldm_mini_notebooks_html"
 # One file of MathJax 3, the TeX input with all its extensions and the SVG output: SVG needs no font files
 # (the CommonHTML output loads web fonts), and "full" bundles every TeX extension, so MathJax loads nothing
 # more at run time. A single script tag from file:// works in every browser (no module loader, no fetch).
-MATHJAX_PACKAGE = "django-static-mathjax"  # MathJax's own release files; it does not need Django
+# django-static-mathjax: MathJax 3.2.2's release files, and no dependency (it does not need Django);
+# jupyter-server-mathjax, Jupyter's, ships MathJax 2 and brings jupyter-server and two dozen packages with it.
+MATHJAX_PACKAGE = "django-static-mathjax"
 MATHJAX_FILES = {"tex-svg-full.js": "mathjax/static/mathjax/es5/tex-svg-full.js",
                  "LICENSE": "mathjax/static/mathjax/LICENSE"}  # fmt: skip
 
 # nbconvert's "lab" template with every link to a network replaced or removed: require.js (nothing in
-# these pages needs it: figures are PNGs), the ipywidgets renderer (no widgets in a static render),
+# these pages needs it: figures are PNGs), the ipywidgets renderer (static_widgets draws them instead),
 # mermaid (no diagrams) and MathJax 2 from a CDN, replaced by the local MathJax 3 with the same
 # delimiters and AMS equation numbers as nbconvert's MathJax 2 configuration.
 TEMPLATE = r"""
