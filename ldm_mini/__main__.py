@@ -87,6 +87,11 @@ KINDS = {
 PIPELINES = {"txt2img": pipeline.txt2img, "sample": pipeline.unconditional, "upscale": pipeline.superres,
              "class": pipeline.class_conditional, "inpaint": pipeline.inpaint,
              "semantic": pipeline.semantic_synthesis, "layout": pipeline.layout_to_image}  # fmt: skip
+# Measured (benchmarks/RESULTS.md, "CPU threads"): on an idle 2-core machine all cores are 1.3-1.7x faster
+# than one; with one other busy process, one thread is 3.3x faster for the embedded models (the threads wait
+# for the core the other process holds at every kernel's barrier). So torch's default stays; --threads: when.
+THREADS_HELP = ("torch CPU threads (default: torch's, all cores: fastest on an idle machine; 1 when other "
+                "processes keep the CPU busy, 3x faster then for the embedded models)")  # fmt: skip
 GUIDED = ("txt2img", "class")  # the commands with --guidance
 SIZED = ("txt2img", "sample", "class", "layout")  # with --height/--width (the others: the input's size)
 # the pipelines' argument names -> the command line's flags, for their error messages
@@ -486,7 +491,15 @@ def sample_batches(args, parser, path: Path, device, call: dict, total: int, min
     return written
 
 
+def set_threads(args, parser) -> None:
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+
 def run_sampling(args, parser) -> int:
+    set_threads(args, parser)
     path, call, items = prepare(args, parser)
     rank, world = distributed.rank_and_world()
     try:
@@ -566,6 +579,7 @@ def run_info(args, parser) -> int:
 def run_verify(args, parser) -> int:
     from .verify import verify
 
+    set_threads(args, parser)
     path = weights_path(args.file, parser)
     device = pick_device(args.device, parser)
     if args.steps < 1:
@@ -632,6 +646,7 @@ def add_sampling_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--out", help=f"a folder or a .png file (default: {DEFAULT_OUT}/, where a taken name is "
                    "numbered on instead of refused)")  # fmt: skip
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="default auto")
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.add_argument("--dtype", choices=tuple(DTYPES), help="cast the weights (default: as stored)")
     p.add_argument(
         "--no-fast",
@@ -698,6 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"txt2img prompt (default {DEFAULT_PROMPT!r})")
     p.add_argument("--guidance", type=float, default=3.0, help="txt2img guidance scale (default 3)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="default auto")
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
     return parser
 
 

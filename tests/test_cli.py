@@ -204,7 +204,19 @@ BAD = [  # (argv with {t} {u} {s} for the tiny files, message expected on stderr
     (["upscale", "missing.png", "--weights", "{s}"], "cannot read the image"),
     (["info", "missing.safetensors"], "no weight file"),
     (["verify", "{t}", "--reference", "not-a-folder"], "diffusers pipeline folder or a hub id"),
+    (["txt2img", "x", "--weights", "{t}", "--threads", "0"], "--threads must be >= 1"),
+    (["verify", "{t}", "--threads", "-2"], "--threads must be >= 1"),
 ]
+
+
+def test_threads_sets_torchs_cpu_threads_and_its_help_says_when(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))  # the test's own threads stay
+    calls = []
+    argv = ["txt2img", "x", "--weights", str(tiny["txt2img"][1]), "--steps", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0 and calls == []  # default: torch's own (all cores)
+    assert main([*argv, "--threads", "1", "--force"]) == 0 and calls == [1]
+    assert exit_code(["txt2img", "--help"]) == 0
+    assert "1 when other processes keep the CPU busy" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(a)[:40] or "none" for a, _ in BAD])
