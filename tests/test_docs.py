@@ -44,3 +44,11 @@ def test_the_jupyter_command_names_an_extra_with_what_the_notebooks_need():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert {"jupyterlab", "ipykernel", "matplotlib", "ipywidgets"} <= set(extras["notebooks"])
     assert {"ipykernel", "matplotlib", "ipywidgets", "nbclient"} <= set(extras["dev"])  # the tests run them
+
+
+def test_the_cpu_torch_advice_comes_before_the_first_install_command():
+    advice = README.index("install a CPU build of torch first")
+    assert advice < README.index("pip install -e"), (
+        "say how to get a CPU torch before the command that pulls one"
+    )
+    assert "--index-url https://download.pytorch.org/whl/cpu" in README[advice : advice + 300]
