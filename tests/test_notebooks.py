@@ -13,7 +13,7 @@ executed lesson notebooks are kept for the session (`executed`): tests/test_note
 to HTML instead of running every notebook a second time.
 Each exercise notebook runs twice in one kernel: as committed, where every check says "not implemented yet",
 then with its blanks filled by the worked solutions of tests/exercise_solutions.py, where every check is
-right. The seven lesson notebooks take about 1 minute on 2 CPU cores (notebooks/README.md lists each one's
+right. The eight lesson notebooks take about 2.5 minutes on 2 CPU cores (notebooks/README.md lists each one's
 time), 09 and the exercises together well under another; they are the slowest tests of the suite by design.
 """
 
