@@ -830,6 +830,10 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = (train_autoencoder if args.stage == "autoencoder" else train_diffusion)(args)
     if distributed.is_main():
         print(f"{args.stage}: checkpoint {ckpt}, log and grids in {args.out}")
+    # Every rank waits until rank 0 has written the last checkpoint, then all leave the group together: a rank
+    # that tore down its gloo group while the other still used it aborted once in CI ("terminate called
+    # without an active exception"; torch's docs ask for destroy_process_group once no rank communicates).
+    distributed.barrier()
     distributed.close()
 
 
