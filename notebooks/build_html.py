@@ -9,7 +9,7 @@ notebooks are only read: the outputs go into a copy in memory.
 
 The kernel gets LDM_MINI_STATIC=1: ldm_mini.viz.sliders then draws each figure at its sliders' start values
 instead of showing ipywidgets sliders, which need a live kernel that a page does not have. Notebook 09
-trains a model (8.2 min on 2 CPU cores with its defaults): LDM_MINI_TRAIN_STEPS="AE,DIFFUSION" in the
+trains a model (8.1 min on 2 CPU cores with its defaults): LDM_MINI_TRAIN_STEPS="AE,DIFFUSION" in the
 environment sets its steps, and --quick sets the tests' few steps (6,6): all nine in ~3 min on 2 CPU cores.
 
 The pages need nothing from a network: images are embedded, and the math is typeset by a copy of MathJax
