@@ -303,8 +303,9 @@ def summarize(verdicts: list[dict]) -> dict[str, float]:
 
 
 def format_table(results: dict[str, dict[str, float]], n: int) -> str:
-    head = f"{'split':<10}{'n':>6}" + "".join(f"{k:>10}" for k in (*ATTRIBUTES, "correct"))
-    rows = [f"{name:<10}{n:>6}" + "".join(f"{100 * r[k]:>9.1f}%" for k in (*ATTRIBUTES, "correct"))
+    w = max(10, *(len(name) + 1 for name in results))  # the first column fits the longest row name
+    head = f"{'split':<{w}}{'n':>6}" + "".join(f"{k:>10}" for k in (*ATTRIBUTES, "correct"))
+    rows = [f"{name:<{w}}{n:>6}" + "".join(f"{100 * r[k]:>9.1f}%" for k in (*ATTRIBUTES, "correct"))
             for name, r in results.items()]  # fmt: skip
     return "\n".join([head, *rows])
 
